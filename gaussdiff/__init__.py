@@ -1,0 +1,12 @@
+"""gaussdiff: Gaussian diffusion image models (DDPM, Improved DDPM, ADM, EDM) in one design space."""
+__version__ = "0.1.0"
+
+from . import schedules  # noqa: F401
+from .diffusion import GaussianDiffusion, make_diffusion  # noqa: F401
+from .errors import UsageError  # noqa: F401
+
+
+def load(path, **kwargs):
+    """Load a model directory (config.json + *.safetensors) as a `Pipeline`."""
+    from .modeldir import load as _load
+    return _load(path, **kwargs)

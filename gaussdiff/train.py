@@ -1,0 +1,265 @@
+"""Training: `gaussdiff train`. One loop for every objective of the discrete engine.
+
+A run directory holds config.json, model.safetensors, ema_<rate>.safetensors, state.safetensors
++ state.json (optimizer, step, RNG and data-order state, so --resume continues bit for bit),
+log.jsonl (metrics) and samples/ (grids).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .data import BatchSampler, ImageDataset, load_dataset, to_model_range
+from .diffusion import make_diffusion
+from .errors import UsageError
+from .modeldir import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, default_device, ema_name,
+                       load_state_into, load_tensors, make_config, read_config, save_tensors)
+from .nn.unet import UNetConfig, UNetModel
+
+# Defaults where neither a preset nor a flag says otherwise (DDPM/Improved DDPM values where
+# the papers give one; a small network so that a bare `gaussdiff train` runs on a CPU).
+DEFAULTS = dict(
+    data="fashion-mnist", image_size=None, channels=None, class_cond=False, model_channels=32,
+    channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="14", num_heads=1,
+    num_head_channels=-1, num_heads_upsample=-1, dropout=0.0, use_scale_shift_norm=True,
+    resblock_updown=False, norm_groups=32, schedule="linear", diffusion_steps=1000,
+    mean_type="eps", var_type="fixed_small", loss="mse", hybrid_lambda=0.001,
+    vb_stop_grad=True, batch_size=64, lr=1e-4, weight_decay=0.0, warmup=0, grad_clip=0.0,
+    ema="0.9999", steps=1000, save_every=1000, sample_every=1000, log_every=50, seed=0,
+    flip=False, sample_steps=50, sample_num=64, skip_bad_images=False)
+
+
+def parse_floats(text, what: str) -> List[float]:
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_ints(text, what: str) -> List[int]:
+    if isinstance(text, (list, tuple)):
+        return [int(x) for x in text]
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def unet_config(o: dict, out_channels: int) -> UNetConfig:
+    return UNetConfig(
+        image_size=o["image_size"], in_channels=o["channels"], model_channels=o["model_channels"],
+        out_channels=out_channels, num_res_blocks=o["num_res_blocks"],
+        attention_resolutions=tuple(parse_ints(o["attention_resolutions"], "attention-resolutions")),
+        channel_mult=tuple(parse_ints(o["channel_mult"], "channel-mult")), dropout=o["dropout"],
+        num_classes=o.get("num_classes"), num_heads=o["num_heads"],
+        num_head_channels=o["num_head_channels"], num_heads_upsample=o["num_heads_upsample"],
+        use_scale_shift_norm=o["use_scale_shift_norm"], resblock_updown=o["resblock_updown"],
+        norm_groups=o["norm_groups"])
+
+
+def diffusion_config(o: dict) -> dict:
+    return dict(schedule=o["schedule"], steps=o["diffusion_steps"], mean_type=o["mean_type"],
+                var_type=o["var_type"], loss_type=o["loss"], hybrid_lambda=o["hybrid_lambda"],
+                vb_stop_grad=o["vb_stop_grad"])
+
+
+class EMA:
+    """Exponential moving averages of the parameters at several rates (fp32 shadows)."""
+
+    def __init__(self, model: torch.nn.Module, rates: List[float]):
+        self.rates = rates
+        self.shadows = {r: {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+                        for r in rates}
+
+    @torch.no_grad()
+    def update(self, model):
+        state = model.state_dict()
+        for r, shadow in self.shadows.items():
+            for k, v in state.items():
+                if v.dtype.is_floating_point:
+                    shadow[k].mul_(r).add_(v.detach().float(), alpha=1 - r)
+                else:
+                    shadow[k].copy_(v)
+
+
+class Trainer:
+    """Builds data, network, diffusion and optimizer from merged options and runs the loop."""
+
+    def __init__(self, opts: dict, out_dir: str, resume: bool = False, device=None, progress=True):
+        self.o, self.out_dir, self.progress = opts, out_dir, progress
+        self.device = torch.device(device) if device else default_device()
+        o = opts
+        if o["steps"] < 1 or o["batch_size"] < 1:
+            raise UsageError("--steps and --batch-size must be positive")
+        if o["lr"] <= 0:
+            raise UsageError(f"--lr must be positive, got {o['lr']}")
+        self.ema_rates = parse_floats(o["ema"], "ema")
+        if any(not 0 < r < 1 for r in self.ema_rates):
+            raise UsageError(f"--ema rates must lie in (0, 1), got {o['ema']}")
+        self.data: ImageDataset = load_dataset(o["data"], "train", o["channels"], o["image_size"],
+                                               o["class_cond"], o["skip_bad_images"])
+        o["image_size"] = o["image_size"] or self.data.images.shape[1]
+        o["channels"] = o["channels"] or self.data.images.shape[3]
+        o["num_classes"] = self.data.num_classes if o["class_cond"] else None
+        self.diffusion = make_diffusion(**diffusion_config(o))
+        out_ch = o["channels"] * (2 if self.diffusion.learns_variance else 1)
+        self.model_config = unet_config(o, out_ch)
+        self.config = make_config(self.model_config, diffusion_config(o), dict(
+            dataset=self.data.name, image_size=o["image_size"], channels=o["channels"],
+            class_names=self.data.class_names if o["class_cond"] else None),
+            training={k: v for k, v in o.items()} | {"sample_ema": self.ema_rates[0]})
+
+        torch.manual_seed(o["seed"])
+        self.model = UNetModel(self.model_config).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        self.ema = EMA(self.model, self.ema_rates)
+        self.sampler = BatchSampler(len(self.data), o["batch_size"], o["seed"])
+        self.gen = torch.Generator().manual_seed(o["seed"] + 1)  # timesteps, noise, flips
+        self.images = torch.from_numpy(self.data.images)         # uint8 NHWC, in memory
+        self.labels = None if self.data.labels is None else torch.from_numpy(self.data.labels)
+        self.step = 0
+        os.makedirs(out_dir, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+        elif os.path.exists(os.path.join(out_dir, "state.json")):
+            raise UsageError(f"{out_dir} already holds a training run: pass --resume to continue it "
+                             f"or choose another --out")
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self):
+        d = self.out_dir
+        save_tensors(os.path.join(d, WEIGHTS_NAME), self.model.state_dict())
+        for r, shadow in self.ema.shadows.items():
+            save_tensors(os.path.join(d, ema_name(r)), shadow)
+        opt_state = self.opt.state_dict()
+        tensors = {"rng.torch": torch.get_rng_state(), "rng.gen": self.gen.get_state()}
+        tensors.update(self.sampler.state_tensors())
+        for pid, s in opt_state["state"].items():
+            for k, v in s.items():
+                tensors[f"opt.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        save_tensors(os.path.join(d, "state.safetensors"), tensors)
+        atomic_write_json(os.path.join(d, CONFIG_NAME), self.config)
+        # state.json last: it marks the checkpoint as complete
+        atomic_write_json(os.path.join(d, "state.json"), {"step": self.step})
+
+    def load_checkpoint(self):
+        d = self.out_dir
+        state_path = os.path.join(d, "state.json")
+        if not os.path.exists(state_path):
+            raise UsageError(f"--resume: {d} holds no checkpoint (no state.json)")
+        saved = read_config(d)
+        for key in ("model", "diffusion"):
+            if saved[key] != self.config[key]:
+                raise UsageError(f"--resume: the options given differ from {d}/config.json in its "
+                                 f"{key!r} section; resume with the same options")
+        with open(state_path) as f:
+            self.step = int(json.load(f)["step"])
+        load_state_into(self.model, os.path.join(d, WEIGHTS_NAME))
+        for r in self.ema_rates:
+            shadow = load_tensors(os.path.join(d, ema_name(r)))
+            self.ema.shadows[r] = {k: v.to(self.device).float() for k, v in shadow.items()}
+        s = load_tensors(os.path.join(d, "state.safetensors"))
+        opt_state = self.opt.state_dict()
+        per_param: Dict[int, dict] = {}
+        for k, v in s.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                per_param.setdefault(int(pid), {})[name] = v.to(self.device) if name != "step" else v
+        opt_state["state"] = per_param
+        self.opt.load_state_dict(opt_state)
+        torch.set_rng_state(s["rng.torch"])
+        self.gen.set_state(s["rng.gen"])
+        if "rng.cuda" in s and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["rng.cuda"], self.device)
+        self.sampler.load_state_tensors(s)
+
+    # ---------------------------------------------------------------- one step
+    def next_batch(self):
+        idx = self.sampler.next_indices()
+        x = to_model_range(self.images[idx])
+        if self.o["flip"]:
+            flip = torch.rand(len(idx), generator=self.gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        kwargs = {}
+        if self.labels is not None:
+            kwargs["y"] = self.labels[idx].to(self.device)
+        return x.to(self.device), kwargs
+
+    def lr_at(self, step: int) -> float:
+        warm = self.o["warmup"]
+        return self.o["lr"] * min(1.0, (step + 1) / warm) if warm > 0 else self.o["lr"]
+
+    def train_step(self) -> dict:
+        self.model.train()
+        x0, kwargs = self.next_batch()
+        B = x0.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=self.gen).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        losses = self.diffusion.training_losses(self.model, x0, t, noise, kwargs)
+        loss = losses["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.o["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.o["grad_clip"])
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return {k: v.detach() for k, v in losses.items()} | {"t": t}
+
+    # ---------------------------------------------------------------- the loop
+    def write_samples(self):
+        from .images import save_grid
+        from .modeldir import Pipeline
+        with torch.random.fork_rng(devices=[]):   # keep the training RNG stream untouched
+            ema_model = UNetModel(self.model_config).to(self.device)
+        ema_model.load_state_dict(self.ema.shadows[self.ema_rates[0]])
+        pipe = Pipeline(ema_model, self.diffusion, self.config)
+        images, _ = pipe.sample(self.o["sample_num"], "ddim", self.o["sample_steps"], seed=0,
+                                progress=False)
+        os.makedirs(os.path.join(self.out_dir, "samples"), exist_ok=True)
+        save_grid(os.path.join(self.out_dir, "samples", f"step{self.step:07d}.png"), images)
+
+    def run(self):
+        from tqdm.auto import tqdm
+        o = self.o
+        log_path = os.path.join(self.out_dir, "log.jsonl")
+        bar = tqdm(total=o["steps"], initial=self.step, disable=not self.progress, unit="step",
+                   desc="training", dynamic_ncols=True)
+        acc: Dict[str, list] = {}
+        t_start, n_images = time.perf_counter(), 0
+        while self.step < o["steps"]:
+            out = self.train_step()
+            n_images += out["t"].shape[0]
+            for k in ("loss", "mse", "vb"):
+                if k in out:
+                    acc.setdefault(k, []).append(out[k].mean().item())
+            T = self.diffusion.num_timesteps
+            for q in range(4):   # loss by quarter of the process, as improved-diffusion logs it
+                sel = (out["t"] * 4 // T) == q
+                if sel.any():
+                    acc.setdefault(f"loss_q{q}", []).append(out["loss"][sel].mean().item())
+            bar.update(1)
+            if self.step % o["log_every"] == 0 or self.step == o["steps"]:
+                elapsed = time.perf_counter() - t_start
+                rec = {"step": self.step, "lr": self.lr_at(self.step - 1),
+                       "images_per_s": n_images / max(elapsed, 1e-9)}
+                rec.update({k: float(np.mean(v)) for k, v in acc.items()})
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                acc, t_start, n_images = {}, time.perf_counter(), 0
+            if self.step % o["save_every"] == 0 or self.step == o["steps"]:
+                self.save_checkpoint()
+            if o["sample_every"] and self.step % o["sample_every"] == 0:
+                self.write_samples()
+        bar.close()
+        return self
