@@ -21,7 +21,9 @@ def _bool(text: str) -> bool:
 # ------------------------------------------------------------------------------------- train
 def add_train_parser(sub):
     from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+    from .precond import OBJECTIVES
     from .presets import PRESETS
+    from .resample import SCHEDULE_SAMPLERS
     from .schedules import SCHEDULES
     p = sub.add_parser("train", help="train a diffusion model",
                        description="Train a diffusion model. A --preset fills the options; any "
@@ -39,6 +41,9 @@ def add_train_parser(sub):
     g.add_argument("--channels", type=int, help="1 or 3 (default: the data's)")
     g.add_argument("--class-cond", type=_bool, help="condition on class labels (true/false)")
     g.add_argument("--flip", type=_bool, help="random horizontal flips (true/false)")
+    g.add_argument("--augment", type=float, metavar="P",
+                   help="EDM's non-leaky augmentation with probability P (EDM: 0.12-0.15; 0: off); "
+                        "the network is conditioned on the 9 augmentation parameters")
     g.add_argument("--skip-bad-images", type=_bool, help="skip unreadable images instead of failing")
     g = p.add_argument_group("network (the ADM UNet)")
     g.add_argument("--model-channels", type=int)
@@ -60,6 +65,23 @@ def add_train_parser(sub):
     g.add_argument("--loss", choices=LOSS_TYPES)
     g.add_argument("--hybrid-lambda", type=float, help="λ of L_hybrid (0.001)")
     g.add_argument("--vb-stop-grad", type=_bool, help="stop-gradient on the mean in the VLB term")
+    g.add_argument("--schedule-sampler", choices=SCHEDULE_SAMPLERS,
+                   help="timestep sampling: uniform, or importance sampling with p_t ∝ "
+                        "sqrt(E[L_t²]) (Improved DDPM, for --loss kl)")
+    g.add_argument("--p2-gamma", type=float,
+                   help="P2 weighting of L_simple, 1/(k + SNR)^γ (Choi et al.: 1; 0: off)")
+    g.add_argument("--p2-k", type=float, help="k of P2 weighting (1)")
+    g.add_argument("--min-snr-gamma", type=float,
+                   help="Min-SNR-γ weighting of L_simple (Hang et al.: 5; 0: off)")
+    g = p.add_argument_group("objective (EDM Table 1)")
+    g.add_argument("--objective", choices=OBJECTIVES,
+                   help="ddpm: the discrete diffusion above (default); edm, vp, ve, iddpm: a "
+                        "preconditioned denoiser trained in σ-space with that column's c_skip, "
+                        "c_out, c_in, c_noise, λ(σ) and σ distribution (the diffusion options "
+                        "are then not used)")
+    g.add_argument("--sigma-data", type=float, help="σ_data of --objective edm (0.5)")
+    g.add_argument("--p-mean", type=float, help="P_mean of --objective edm: ln σ ~ N(P_mean, P_std²) (-1.2)")
+    g.add_argument("--p-std", type=float, help="P_std of --objective edm (1.2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
@@ -72,7 +94,8 @@ def add_train_parser(sub):
     g = p.add_argument_group("logging")
     g.add_argument("--save-every", type=int)
     g.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: never)")
-    g.add_argument("--sample-steps", type=int, help="DDIM steps for the sample grids")
+    g.add_argument("--sample-steps", type=int, help="DDIM steps for the sample grids (Heun steps "
+                                                    "for σ-space objectives)")
     g.add_argument("--sample-num", type=int)
     g.add_argument("--log-every", type=int)
     p.set_defaults(func=cmd_train)
@@ -94,13 +117,18 @@ def cmd_train(args):
 
 # ------------------------------------------------------------------------------------- sample
 def add_sample_parser(sub):
+    from .schedules import SIGMA_SCHEDULES
     p = sub.add_parser("sample", help="draw images from a model directory")
     a = p.add_argument
     a("model", help="model or run directory (config.json + *.safetensors)")
     a("--num", type=int, default=64, help="number of images (64)")
-    a("--sampler", default="ddim", choices=("ddpm", "ddim"), help="ddpm (ancestral) or ddim")
-    a("--steps", default="50", help="respacing: 250, ddim50, or per-section counts like 10,15,20")
-    a("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    a("--sampler", default="ddim",
+      help="ddpm (ancestral) or ddim: the discrete engine; or a σ-space sampler (EDM): euler, "
+           "heun, heun_vp, euler_ancestral, ddim_sigma, dpmpp_2m, adaptive (default ddim)")
+    a("--steps", default="50", help="ddpm, ddim: respacing: 250, ddim50, or per-section counts like "
+                                    "10,15,20; σ-space samplers: the number of steps N (50)")
+    a("--eta", type=float, help="η of ddim and ddim_sigma (default 0: deterministic) and of "
+                                "euler_ancestral (default 1)")
     a("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     a("--batch-size", type=int, default=64)
     a("--label", type=int, help="class label for every image (class-conditional models)")
@@ -109,14 +137,32 @@ def add_sample_parser(sub):
     a("--grid", help="write a PNG grid")
     a("--device")
     a("--no-progress", action="store_true")
+    g = p.add_argument_group("σ-space samplers (EDM, Karras et al. 2022)")
+    g.add_argument("--schedule", choices=SIGMA_SCHEDULES,
+                   help="noise levels (EDM Table 1): karras (default; ρ-spaced in [0.002, 80] "
+                        "clipped to the model's range), vp, ve, or iddpm (the model's own levels, j0=8)")
+    g.add_argument("--rho", type=float, help="ρ of the karras schedule (7)")
+    g.add_argument("--sigma-min", type=float, help="lowest nonzero σ (karras, ve)")
+    g.add_argument("--sigma-max", type=float, help="highest σ (karras, ve)")
+    g.add_argument("--churn", type=float, help="S_churn of EDM Algorithm 2 (heun, euler; default 0)")
+    g.add_argument("--tmin", type=float, help="S_tmin: add noise only for σ >= tmin (default 0)")
+    g.add_argument("--tmax", type=float, help="S_tmax: add noise only for σ <= tmax (default inf)")
+    g.add_argument("--snoise", type=float, help="S_noise, the std of the added noise (default 1)")
+    g.add_argument("--rtol", type=float, help="relative tolerance of the adaptive sampler (0.05)")
+    g.add_argument("--atol", type=float, help="absolute tolerance of the adaptive sampler (0.0078)")
+    g.add_argument("--quantize", action="store_true",
+                   help="give a discrete-time model the nearest timestep, not a fractional one")
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args):
     import gaussdiff
     from .images import save_grid, save_npz
+    from .modeldir import SAMPLER_NAMES
     if args.num < 1 or args.batch_size < 1:
         raise UsageError("--num and --batch-size must be positive")
+    if args.sampler not in SAMPLER_NAMES:
+        raise UsageError(f"--sampler {args.sampler}: unknown sampler, choose one of {', '.join(SAMPLER_NAMES)}")
     if not args.out and not args.grid:
         raise UsageError("give --out SAMPLES.npz and/or --grid GRID.png")
     for path in (args.out, args.grid):
@@ -130,9 +176,14 @@ def cmd_sample(args):
             raise UsageError(f"--label {args.label}: the model has "
                              f"{pipe.num_classes or 'no'} classes")
         labels = [args.label] * args.num
+    stats = {}
     images, y = pipe.sample(args.num, args.sampler, steps, eta=args.eta, seed=args.seed,
                             batch_size=args.batch_size, labels=labels,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, sigma_schedule=args.schedule,
+                            rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                            churn=args.churn, tmin=args.tmin, tmax=args.tmax, snoise=args.snoise,
+                            rtol=args.rtol, atol=args.atol, quantize=args.quantize, stats=stats)
+    print(f"{args.sampler}: {stats['nfe']} network evaluations per image")
     if args.out:
         print(f"wrote {save_npz(args.out, images, y)} ({len(images)} images)")
     if args.grid:
@@ -163,6 +214,20 @@ def cmd_export(args):
     print(f"wrote {args.out}")
 
 
+# ------------------------------------------------------------------------------------- plot
+def add_plot_parser(sub):
+    p = sub.add_parser("plot", help="plot a run's training curve (log.jsonl) to a PNG")
+    p.add_argument("run", help="training run directory or log.jsonl")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args):
+    from .plot import plot_log
+    plot_log(args.run, args.out)
+    print(f"wrote {args.out}")
+
+
 # ------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -172,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_sample_parser(sub)
     add_export_parser(sub)
+    from .cli_metrics import add_metrics_parsers   # eval, nll, train-feature-net
+    add_metrics_parsers(sub)
+    add_plot_parser(sub)
     return parser
 
 

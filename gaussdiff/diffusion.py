@@ -44,19 +44,26 @@ class GaussianDiffusion:
         timesteps: a sorted subset of range(T) to keep (respacing), or None for all steps.
         hybrid_lambda: λ of L_hybrid (Improved DDPM: 0.001).
         vb_stop_grad: stop the VLB term's gradient into the mean (Improved DDPM Table 1 ablation).
+        p2_gamma, p2_k: P2 weighting (Choi et al. 2022) of the L_simple term, λ_t = 1/(k + SNR(t))^γ
+            with SNR(t) = ᾱ_t/(1 − ᾱ_t); γ = 0 turns it off (their best: γ = 1, k = 1).
+        min_snr_gamma: Min-SNR-γ weighting (Hang et al. 2023) of the L_simple term, 0 = off. It
+            weights every parameterisation as min(SNR, γ)·||x0 − x̂0||²: the weight of the mse
+            is min(SNR, γ)/SNR for eps, min(SNR, γ) for x0 and min(SNR, γ)/(SNR + 1) for v (their
+            γ = 5). Neither weighting touches the VLB term.
     """
 
     def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="mse",
                  timesteps: Optional[Sequence[int]] = None, hybrid_lambda: float = 0.001,
-                 vb_stop_grad: bool = True):
+                 vb_stop_grad: bool = True, p2_gamma: float = 0.0, p2_k: float = 1.0,
+                 min_snr_gamma: float = 0.0):
         _check_choice("mean type", mean_type, MEAN_TYPES)
         _check_choice("variance type", var_type, VAR_TYPES)
         _check_choice("loss type", loss_type, LOSS_TYPES)
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.hybrid_lambda, self.vb_stop_grad = float(hybrid_lambda), bool(vb_stop_grad)
         self.original_betas = np.asarray(betas, dtype=np.float64)
-        if self.original_betas.ndim != 1 or np.any(self.original_betas <= 0) or np.any(self.original_betas > 1):
-            raise UsageError("betas must be a 1-D array with values in (0, 1]")
+        if self.original_betas.ndim != 1 or np.any(self.original_betas <= 0) or np.any(self.original_betas >= 1):
+            raise UsageError("betas must be a 1-D array with values in (0, 1)")
         self.original_num_steps = len(self.original_betas)
         orig_alphas_cumprod = np.cumprod(1.0 - self.original_betas)
         if timesteps is None:
@@ -92,6 +99,8 @@ class GaussianDiffusion:
         # fixed_large: σ² = β_t, with β̃_1 at t = 0 for a better decoder likelihood
         large = np.append(self.posterior_variance[1], betas[1:]) if self.num_timesteps > 1 else betas
         self.fixed_large_variance, self.fixed_large_log_variance = large, np.log(large)
+        self.p2_gamma, self.p2_k, self.min_snr_gamma = float(p2_gamma), float(p2_k), float(min_snr_gamma)
+        self.mse_weight = self._mse_weight_table()
         self._tables: Dict = {}
 
     # ----------------------------------------------------------------- helpers
@@ -115,6 +124,26 @@ class GaussianDiffusion:
 
     def _call_model(self, model, x, t, model_kwargs):
         return model(x, self.model_timesteps(t), **(model_kwargs or {}))
+
+    def _mse_weight_table(self) -> Optional[np.ndarray]:
+        """Per-step weights [T] of the L_simple term (P2 or Min-SNR-γ), None when unweighted."""
+        if self.p2_gamma < 0 or self.min_snr_gamma < 0:
+            raise UsageError("--p2-gamma and --min-snr-gamma must be >= 0 (0 turns them off)")
+        if self.p2_gamma and self.min_snr_gamma:
+            raise UsageError("choose one loss weighting: --p2-gamma or --min-snr-gamma, not both")
+        if (self.p2_gamma or self.min_snr_gamma) and self.loss_type == "kl":
+            raise UsageError("P2 and Min-SNR-γ weight the L_simple term: use loss type mse or hybrid")
+        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        if self.p2_gamma:
+            if self.p2_k <= 0:
+                raise UsageError(f"--p2-k must be positive, got {self.p2_k}")
+            return 1.0 / (self.p2_k + snr) ** self.p2_gamma
+        if self.min_snr_gamma:
+            clipped = np.minimum(snr, self.min_snr_gamma)
+            with np.errstate(divide="ignore"):   # SNR = 0: weight 1 (min(SNR, γ)/SNR → 1)
+                eps = np.minimum(1.0, self.min_snr_gamma / snr)
+            return {"eps": eps, "x0": clipped, "v": clipped / (snr + 1.0)}[self.mean_type]
+        return None
 
     @property
     def learns_variance(self) -> bool:
@@ -266,7 +295,8 @@ class GaussianDiffusion:
     def training_losses(self, model, x0, t, noise=None, model_kwargs=None):
         """Per-sample losses at indices t: dict(loss, mse, and vb for hybrid/kl), each [B].
 
-        mse is the mean over non-batch dims of the squared error of the mean_type target;
+        mse is the mean over non-batch dims of the squared error of the mean_type target
+        (unweighted; the loss holds it times the P2 / Min-SNR-γ weight of step t, if any);
         vb is λ·T·L_t for hybrid (= (T/1000)·L_t at λ = 0.001) and T·L_t for kl (bits/dim).
         """
         if noise is None:
@@ -286,6 +316,8 @@ class GaussianDiffusion:
             target = self.v_target(x0, t, noise)
         terms["mse"] = mean_flat((target - mean_out) ** 2)
         terms["loss"] = terms["mse"]
+        if self.mse_weight is not None:
+            terms["loss"] = self._extract("mse_weight", t, terms["mse"]) * terms["mse"]
         if self.loss_type == "hybrid":
             if var_out is None:
                 raise UsageError("loss type 'hybrid' needs a learned variance "
@@ -382,7 +414,8 @@ class GaussianDiffusion:
 
 def make_diffusion(schedule="linear", steps=1000, mean_type="eps", var_type="fixed_small",
                    loss_type="mse", respacing=None, hybrid_lambda=0.001, vb_stop_grad=True,
-                   alphas_cumprod=None) -> GaussianDiffusion:
+                   alphas_cumprod=None, p2_gamma=0.0, p2_k=1.0,
+                   min_snr_gamma=0.0) -> GaussianDiffusion:
     """A GaussianDiffusion from config values (as stored in config.json), optionally respaced."""
     from .schedules import beta_schedule, betas_from_alphas_cumprod, space_timesteps
     if alphas_cumprod is not None:
@@ -394,4 +427,5 @@ def make_diffusion(schedule="linear", steps=1000, mean_type="eps", var_type="fix
         timesteps = space_timesteps(len(betas), respacing)
     return GaussianDiffusion(betas, mean_type=mean_type, var_type=var_type, loss_type=loss_type,
                              timesteps=timesteps, hybrid_lambda=hybrid_lambda,
-                             vb_stop_grad=vb_stop_grad)
+                             vb_stop_grad=vb_stop_grad, p2_gamma=p2_gamma, p2_k=p2_k,
+                             min_snr_gamma=min_snr_gamma)

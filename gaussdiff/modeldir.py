@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,12 +19,17 @@ from . import __version__
 from .diffusion import GaussianDiffusion, make_diffusion
 from .errors import UsageError
 from .nn.unet import UNetConfig, UNetModel
+from .samplers import SAMPLERS, NFECounter
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DIFFUSION_KEYS = ("schedule", "steps", "mean_type", "var_type", "loss_type", "hybrid_lambda",
-                  "vb_stop_grad")
+                  "vb_stop_grad", "p2_gamma", "p2_k", "min_snr_gamma")
+# keys added after format 1 was fixed: configs without them mean these values
+DIFFUSION_OPTIONAL = dict(p2_gamma=0.0, p2_k=1.0, min_snr_gamma=0.0)
+# what Pipeline.sample accepts: the discrete engine's two samplers, then the σ-space ones
+SAMPLER_NAMES = ("ddpm", "ddim") + tuple(SAMPLERS)
 
 
 def ema_name(rate: float) -> str:
@@ -35,6 +41,9 @@ def atomic_write_bytes(path: str, data: bytes):
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -68,7 +77,8 @@ def load_tensors(path: str) -> dict:
 
 def make_config(model: UNetConfig, diffusion: dict, data: dict, training: Optional[dict] = None) -> dict:
     return {"gaussdiff_version": __version__, "format_version": FORMAT_VERSION,
-            "model": model.to_dict(), "diffusion": {k: diffusion[k] for k in DIFFUSION_KEYS},
+            "model": model.to_dict(),
+            "diffusion": {k: {**DIFFUSION_OPTIONAL, **diffusion}[k] for k in DIFFUSION_KEYS},
             "data": data, "training": training or {}}
 
 
@@ -121,11 +131,15 @@ def seed_for(seed: int, index: int) -> int:
 @dataclass
 class Pipeline:
     """A loaded model: `.model` (the network), `.diffusion` (its full-length GaussianDiffusion)
-    and `.config` (config.json). `.sample(...)` draws images."""
+    and `.config` (config.json). `.sample(...)` draws images. Models trained in σ-space
+    (config.json has a "precond" section, `gaussdiff train --objective edm|vp|ve|iddpm`) also
+    have `.denoiser`, the preconditioned network D(x, sigma, **cond) (gaussdiff.precond) that
+    σ-space samplers take; their `.diffusion` is unused."""
     model: torch.nn.Module
     diffusion: GaussianDiffusion
     config: dict
     path: str = ""
+    denoiser: Optional[torch.nn.Module] = None
 
     @property
     def image_shape(self):
@@ -141,26 +155,97 @@ class Pipeline:
         spacing = steps if not isinstance(steps, int) else str(steps)
         return make_diffusion(respacing=spacing, **self.config["diffusion"])
 
+    def sigma_steps(self, steps: int, schedule: str = "karras", rho: Optional[float] = None,
+               sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+               denoiser=None) -> np.ndarray:
+        """The steps + 1 noise levels σ_0 > ... > σ_N = 0 of a σ-space sampler (EDM Table 1).
+
+        "karras": EDM eq. 5 with ρ = 7 on [max(0.002, model σ_min), min(80, model σ_max)] (EDM's
+        σ range clipped to the model's, as NVlabs/edm does); "ve": geometric on [0.02, 100];
+        "vp": β_d = 19.9, β_min = 0.1, ε_s = 1e-3; "iddpm": u_j with j0 = 8 of the model's own ᾱ
+        table (discrete-time models) or of iDDPM's cosine. rho applies to karras, sigma_min and
+        sigma_max to karras and ve.
+        """
+        from .denoisers import pipeline_denoiser
+        from .schedules import (SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas,
+                                vp_sigmas)
+        if schedule not in SIGMA_SCHEDULES:
+            raise UsageError(f"unknown σ schedule {schedule!r}: choose one of {', '.join(SIGMA_SCHEDULES)}")
+        if rho is not None and schedule != "karras":
+            raise UsageError(f"rho applies only to the karras schedule, not {schedule}")
+        if (sigma_min, sigma_max) != (None, None) and schedule not in ("karras", "ve"):
+            raise UsageError(f"sigma_min and sigma_max apply to the karras and ve schedules, not {schedule}")
+        D = denoiser if denoiser is not None else pipeline_denoiser(self)
+        if schedule == "karras":
+            return karras_sigmas(steps, max(0.002, D.sigma_min) if sigma_min is None else sigma_min,
+                                 min(80.0, D.sigma_max) if sigma_max is None else sigma_max,
+                                 7.0 if rho is None else rho)
+        if schedule == "ve":
+            return ve_sigmas(steps, 0.02 if sigma_min is None else sigma_min,
+                             100.0 if sigma_max is None else sigma_max)
+        if schedule == "vp":
+            return vp_sigmas(steps)
+        return iddpm_sigmas(steps, getattr(D, "alphas_cumprod", None))
+
     @torch.no_grad()
-    def sample(self, num: int, sampler: str = "ddim", steps=50, eta: float = 0.0, seed: int = 0,
-               batch_size: int = 64, labels: Optional[Sequence[int]] = None, progress: bool = True,
-               clip_denoised: bool = True, start_index: int = 0):
+    def sample(self, num: int, sampler: str = "ddim", steps=50, eta: Optional[float] = None,
+               seed: int = 0, batch_size: int = 64, labels: Optional[Sequence[int]] = None,
+               progress: bool = True, clip_denoised: bool = True, start_index: int = 0, *,
+               sigma_schedule: Optional[str] = None, rho: Optional[float] = None,
+               sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+               churn: Optional[float] = None, tmin: Optional[float] = None,
+               tmax: Optional[float] = None, snoise: Optional[float] = None,
+               rtol: Optional[float] = None, atol: Optional[float] = None, quantize: bool = False,
+               state_dtype: Optional[torch.dtype] = None, stats: Optional[dict] = None):
         """Draw `num` images. Returns (uint8 NHWC array, int64 labels or None).
 
-        sampler: "ddpm" (ancestral) or "ddim" (with eta); steps: respacing of the original T.
+        sampler: "ddpm" (ancestral) or "ddim" (with eta), the discrete engine, with `steps` a
+        respacing of the original T (250, "ddim50", "10,15,20"); or a σ-space sampler of
+        gaussdiff.samplers.SAMPLERS (euler, heun, heun_vp, euler_ancestral, ddim_sigma,
+        dpmpp_2m, adaptive) with an integer number of `steps` on the levels of `sigma_schedule`
+        (karras, the default, vp, ve or iddpm; with rho, sigma_min, sigma_max: see `sigma_steps`).
+        Sampler options, an error where the sampler does not take them: eta (ddim, ddim_sigma,
+        euler_ancestral; ignored by ddpm), churn, tmin, tmax (EDM's S_churn, S_tmin, S_tmax:
+        heun, euler), snoise (S_noise: heun, euler, euler_ancestral, ddim_sigma), rtol, atol
+        (adaptive).
+        quantize: give a discrete-time model the nearest discrete timestep instead of a
+        fractional one. state_dtype: the σ-space state (default float64 on CPU, else float32).
+        clip_denoised: clamp the x0 estimate to [-1, 1], for every sampler.
+        stats: a dict that receives "nfe", the network evaluations per image (the most over the
+        batches), and "nfe_per_batch".
         Image i depends only on (seed, start_index + i), never on the batch size.
         """
         from tqdm.auto import tqdm
         from .data import to_uint8
         from .rng import per_sample_generators
-        if sampler not in ("ddpm", "ddim"):
-            raise UsageError(f"unknown sampler {sampler!r}: choose ddpm or ddim")
-        diffusion = self.respaced(steps)
+        options = dict(eta=eta, churn=churn, tmin=tmin, tmax=tmax, snoise=snoise, rtol=rtol, atol=atol)
+        options = {k: v for k, v in options.items() if v is not None}
+        if sampler in ("ddpm", "ddim"):
+            if self.config.get("precond"):
+                raise UsageError(f"{self.path or 'this model'} was trained in σ-space (objective "
+                                 f"{self.config['precond']['type']}): the discrete {sampler} sampler does "
+                                 f"not apply; use a σ-space sampler such as heun")
+            _check_sampler_options(sampler, options, ("eta",))   # ddpm ignores eta, as it always did
+            given = dict(sigma_schedule=sigma_schedule, rho=rho, sigma_min=sigma_min,
+                         sigma_max=sigma_max, quantize=quantize or None, state_dtype=state_dtype)
+            _check_sampler_options(sampler, {k: v for k, v in given.items() if v is not None}, ())
+            diffusion = self.respaced(steps)
+            loop = diffusion.p_sample_loop if sampler == "ddpm" else \
+                partial(diffusion.ddim_sample_loop, eta=options.get("eta", 0.0))
+            num_steps = diffusion.num_timesteps
+
+            def run(noise, kwargs, gens, batch_stats):
+                return loop(NFECounter(self.model, batch_stats), noise.shape, noise=noise,
+                            model_kwargs=kwargs, clip_denoised=clip_denoised, generator=gens)
+        else:
+            run, num_steps = self._sigma_sampler(sampler, steps, options, sigma_schedule, rho,
+                                                 sigma_min, sigma_max, quantize, clip_denoised,
+                                                 state_dtype)
         device = next(self.model.parameters()).device
         self.model.eval()
-        out, out_labels = [], []
+        out, out_labels, nfe = [], [], []
         nc = self.num_classes
-        bar = tqdm(total=num, disable=not progress, desc=f"sampling ({sampler}, {diffusion.num_timesteps} steps)",
+        bar = tqdm(total=num, disable=not progress, desc=f"sampling ({sampler}, {num_steps} steps)",
                    unit="img")
         for start in range(0, num, batch_size):
             idx = range(start_index + start, start_index + min(start + batch_size, num))
@@ -175,16 +260,48 @@ class Pipeline:
                 out_labels.append(y.numpy())
             shape = (len(idx),) + self.image_shape
             noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
-            if sampler == "ddpm":
-                x = diffusion.p_sample_loop(self.model, shape, noise=noise, model_kwargs=kwargs,
-                                            clip_denoised=clip_denoised, generator=gens)
-            else:
-                x = diffusion.ddim_sample_loop(self.model, shape, noise=noise, model_kwargs=kwargs,
-                                               clip_denoised=clip_denoised, eta=eta, generator=gens)
+            batch_stats = {}
+            x = run(noise, kwargs, gens, batch_stats)
+            nfe.append(batch_stats["nfe"])
             out.append(to_uint8(x))
             bar.update(len(idx))
         bar.close()
+        if stats is not None:
+            stats.update(nfe=max(nfe), nfe_per_batch=nfe)
         return np.concatenate(out), (np.concatenate(out_labels) if out_labels else None)
+
+    def _sigma_sampler(self, sampler, steps, options, sigma_schedule, rho, sigma_min, sigma_max,
+                       quantize, clip_denoised, state_dtype):
+        """(run(noise, model_kwargs, generators, stats) -> x, number of steps) of a σ-space sampler."""
+        import inspect
+        from .denoisers import ClipDenoised, pipeline_denoiser
+        if sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_NAMES)}")
+        fn = SAMPLERS[sampler]
+        if isinstance(steps, str) and steps.isdigit():
+            steps = int(steps)
+        if not isinstance(steps, int) or steps < 1:
+            raise UsageError(f"the {sampler} sampler takes a positive integer number of steps, got {steps!r}")
+        _check_sampler_options(sampler, options, tuple(inspect.signature(fn).parameters))
+        kwargs = {("noise_scale" if k == "snoise" else k): v for k, v in options.items()}
+        denoiser = pipeline_denoiser(self, quantize)
+        sigmas = self.sigma_steps(steps, sigma_schedule or "karras", rho, sigma_min, sigma_max, denoiser)
+        if clip_denoised:
+            denoiser = ClipDenoised(denoiser)
+        device = next(self.model.parameters()).device
+        dtype = state_dtype or (torch.float64 if device.type == "cpu" else torch.float32)
+
+        def run(noise, model_kwargs, gens, batch_stats):
+            return fn(denoiser, noise.to(dtype) * float(sigmas[0]), sigmas, generator=gens,
+                      model_kwargs=model_kwargs, stats=batch_stats, **kwargs)
+        return run, steps
+
+
+def _check_sampler_options(sampler: str, given: dict, accepted):
+    """A UsageError for the first option in `given` that `sampler` does not take."""
+    for name in given:
+        if (name if name != "snoise" else "noise_scale") not in accepted:
+            raise UsageError(f"option {name} does not apply to the {sampler} sampler")
 
 
 def load(path: str, device=None, ema: Optional[str] = "auto") -> Pipeline:
@@ -205,4 +322,8 @@ def load(path: str, device=None, ema: Optional[str] = "auto") -> Pipeline:
         weights = os.path.join(path, ema_name(float(ema)))
     load_state_into(model, weights)
     model.to(device or default_device()).eval()
-    return Pipeline(model, make_diffusion(**cfg["diffusion"]), cfg, path)
+    denoiser = None
+    if cfg.get("precond"):   # σ-space objective: rebuild D(x; σ) around the network
+        from .precond import make_precond
+        denoiser = make_precond(cfg["precond"], model).eval()
+    return Pipeline(model, make_diffusion(**cfg["diffusion"]), cfg, path, denoiser)

@@ -17,9 +17,13 @@ import torch
 from .data import BatchSampler, ImageDataset, load_dataset, to_model_range
 from .diffusion import make_diffusion
 from .errors import UsageError
-from .modeldir import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, default_device, ema_name,
-                       load_state_into, load_tensors, make_config, read_config, save_tensors)
+from .augment import AUGMENT_DIM, AugmentPipe
+from .modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, WEIGHTS_NAME, atomic_write_json,
+                       default_device, ema_name, load_state_into, load_tensors, make_config,
+                       read_config, save_tensors)
 from .nn.unet import UNetConfig, UNetModel
+from .precond import make_loss, make_precond, objective_sections
+from .resample import make_schedule_sampler
 
 # Defaults where neither a preset nor a flag says otherwise (DDPM/Improved DDPM values where
 # the papers give one; a small network so that a bare `gaussdiff train` runs on a CPU).
@@ -31,7 +35,10 @@ DEFAULTS = dict(
     mean_type="eps", var_type="fixed_small", loss="mse", hybrid_lambda=0.001,
     vb_stop_grad=True, batch_size=64, lr=1e-4, weight_decay=0.0, warmup=0, grad_clip=0.0,
     ema="0.9999", steps=1000, save_every=1000, sample_every=1000, log_every=50, seed=0,
-    flip=False, sample_steps=50, sample_num=64, skip_bad_images=False)
+    flip=False, sample_steps=50, sample_num=64, skip_bad_images=False,
+    objective="ddpm", sigma_data=0.5, p_mean=-1.2, p_std=1.2, p2_gamma=0.0, p2_k=1.0,
+    min_snr_gamma=0.0, augment=0.0,
+    schedule_sampler="uniform")
 
 
 def parse_floats(text, what: str) -> List[float]:
@@ -59,13 +66,14 @@ def unet_config(o: dict, out_channels: int) -> UNetConfig:
         num_classes=o.get("num_classes"), num_heads=o["num_heads"],
         num_head_channels=o["num_head_channels"], num_heads_upsample=o["num_heads_upsample"],
         use_scale_shift_norm=o["use_scale_shift_norm"], resblock_updown=o["resblock_updown"],
-        norm_groups=o["norm_groups"])
+        norm_groups=o["norm_groups"], augment_dim=AUGMENT_DIM if o.get("augment") else 0)
 
 
 def diffusion_config(o: dict) -> dict:
     return dict(schedule=o["schedule"], steps=o["diffusion_steps"], mean_type=o["mean_type"],
                 var_type=o["var_type"], loss_type=o["loss"], hybrid_lambda=o["hybrid_lambda"],
-                vb_stop_grad=o["vb_stop_grad"])
+                vb_stop_grad=o["vb_stop_grad"], p2_gamma=o.get("p2_gamma", 0.0),
+                p2_k=o.get("p2_k", 1.0), min_snr_gamma=o.get("min_snr_gamma", 0.0))
 
 
 class EMA:
@@ -107,15 +115,33 @@ class Trainer:
         o["channels"] = o["channels"] or self.data.images.shape[3]
         o["num_classes"] = self.data.num_classes if o["class_cond"] else None
         self.diffusion = make_diffusion(**diffusion_config(o))
-        out_ch = o["channels"] * (2 if self.diffusion.learns_variance else 1)
+        self.schedule_sampler = make_schedule_sampler(o["schedule_sampler"], self.diffusion.num_timesteps)
+        self.objective = o.get("objective", "ddpm")
+        sigma_space = self.objective != "ddpm"   # EDM eqs. 7-8, gaussdiff.precond
+        if sigma_space and (o.get("p2_gamma") or o.get("min_snr_gamma")
+                            or o.get("schedule_sampler", "uniform") != "uniform"):
+            raise UsageError(f"--p2-gamma, --min-snr-gamma and --schedule-sampler apply to "
+                             f"--objective ddpm; --objective {self.objective} has its own λ(σ) "
+                             f"and σ distribution")
+        if not 0 <= o.get("augment", 0) <= 1:
+            raise UsageError(f"--augment is a probability in [0, 1], got {o['augment']}")
+        self.augment_pipe = AugmentPipe(o["augment"]) if o.get("augment") else None
+        # σ-space objectives ignore the diffusion options: F_θ has no variance output
+        out_ch = o["channels"] * (2 if self.diffusion.learns_variance and not sigma_space else 1)
         self.model_config = unet_config(o, out_ch)
         self.config = make_config(self.model_config, diffusion_config(o), dict(
             dataset=self.data.name, image_size=o["image_size"], channels=o["channels"],
             class_names=self.data.class_names if o["class_cond"] else None),
             training={k: v for k, v in o.items()} | {"sample_ema": self.ema_rates[0]})
+        self.sigma_loss = None
+        if sigma_space:
+            self.config["precond"], self.config["objective"] = objective_sections(
+                self.objective, o["sigma_data"], o["p_mean"], o["p_std"])
+            self.sigma_loss = make_loss(self.config["objective"])
 
         torch.manual_seed(o["seed"])
         self.model = UNetModel(self.model_config).to(self.device)
+        self.denoiser = make_precond(self.config["precond"], self.model) if sigma_space else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
         self.ema = EMA(self.model, self.ema_rates)
         self.sampler = BatchSampler(len(self.data), o["batch_size"], o["seed"])
@@ -139,6 +165,7 @@ class Trainer:
         opt_state = self.opt.state_dict()
         tensors = {"rng.torch": torch.get_rng_state(), "rng.gen": self.gen.get_state()}
         tensors.update(self.sampler.state_tensors())
+        tensors.update(self.schedule_sampler.state_tensors())
         for pid, s in opt_state["state"].items():
             for k, v in s.items():
                 tensors[f"opt.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
@@ -155,8 +182,11 @@ class Trainer:
         if not os.path.exists(state_path):
             raise UsageError(f"--resume: {d} holds no checkpoint (no state.json)")
         saved = read_config(d)
-        for key in ("model", "diffusion"):
-            if saved[key] != self.config[key]:
+        # sections as this version writes them (keys added since default to their old meaning)
+        saved["model"] = UNetConfig.from_dict(saved["model"]).to_dict()
+        saved["diffusion"] = {**DIFFUSION_OPTIONAL, **saved["diffusion"]}
+        for key in ("model", "diffusion", "precond", "objective"):
+            if saved.get(key) != self.config.get(key):
                 raise UsageError(f"--resume: the options given differ from {d}/config.json in its "
                                  f"{key!r} section; resume with the same options")
         with open(state_path) as f:
@@ -179,6 +209,7 @@ class Trainer:
         if "rng.cuda" in s and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["rng.cuda"], self.device)
         self.sampler.load_state_tensors(s)
+        self.schedule_sampler.load_state_tensors(s)
 
     # ---------------------------------------------------------------- one step
     def next_batch(self):
@@ -190,6 +221,9 @@ class Trainer:
         kwargs = {}
         if self.labels is not None:
             kwargs["y"] = self.labels[idx].to(self.device)
+        if self.augment_pipe is not None:   # EDM's non-leaky augmentation, labels to the network
+            x, augment_labels = self.augment_pipe(x, self.gen)
+            kwargs["augment_labels"] = augment_labels.to(self.device)
         return x.to(self.device), kwargs
 
     def lr_at(self, step: int) -> float:
@@ -199,11 +233,17 @@ class Trainer:
     def train_step(self) -> dict:
         self.model.train()
         x0, kwargs = self.next_batch()
-        B = x0.shape[0]
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=self.gen).to(self.device)
-        noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
-        losses = self.diffusion.training_losses(self.model, x0, t, noise, kwargs)
-        loss = losses["loss"].mean()
+        if self.sigma_loss is not None:   # σ and noise drawn from self.gen, like t below
+            losses = self.sigma_loss(self.denoiser, x0, self.gen, kwargs)
+            loss, t = losses["loss"].mean(), None
+        else:
+            B = x0.shape[0]
+            t, weights = self.schedule_sampler.sample(B, self.gen)   # uniform: weights 1
+            t, weights = t.to(self.device), weights.to(self.device)
+            noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
+            losses = self.diffusion.training_losses(self.model, x0, t, noise, kwargs)
+            self.schedule_sampler.update(t, losses["loss"].detach())
+            loss = (losses["loss"] * weights).mean()   # w = 1/(T p_t) keeps the estimate unbiased
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.o["grad_clip"] > 0:
@@ -213,7 +253,7 @@ class Trainer:
         self.opt.step()
         self.ema.update(self.model)
         self.step += 1
-        return {k: v.detach() for k, v in losses.items()} | {"t": t}
+        return {k: v.detach() for k, v in losses.items()} | ({"t": t} if t is not None else {})
 
     # ---------------------------------------------------------------- the loop
     def write_samples(self):
@@ -222,11 +262,34 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):   # keep the training RNG stream untouched
             ema_model = UNetModel(self.model_config).to(self.device)
         ema_model.load_state_dict(self.ema.shadows[self.ema_rates[0]])
-        pipe = Pipeline(ema_model, self.diffusion, self.config)
-        images, _ = pipe.sample(self.o["sample_num"], "ddim", self.o["sample_steps"], seed=0,
-                                progress=False)
+        if self.sigma_loss is not None:
+            images = self.sample_sigma_space(make_precond(self.config["precond"], ema_model))
+        else:
+            pipe = Pipeline(ema_model, self.diffusion, self.config)
+            images, _ = pipe.sample(self.o["sample_num"], "ddim", self.o["sample_steps"], seed=0,
+                                    progress=False)
         os.makedirs(os.path.join(self.out_dir, "samples"), exist_ok=True)
         save_grid(os.path.join(self.out_dir, "samples", f"step{self.step:07d}.png"), images)
+
+    @torch.no_grad()
+    def sample_sigma_space(self, denoiser):
+        """Sample grid of a σ-space model: EDM's Heun sampler, --sample-steps steps on EDM's
+        ρ = 7 levels within the range the network was trained for; image i from seed i."""
+        from .data import to_uint8
+        from .rng import per_sample_generators
+        from .samplers import heun
+        from .schedules import karras_sigmas
+        n, o = self.o["sample_num"], self.o
+        sigmas = karras_sigmas(o["sample_steps"], max(0.002, denoiser.sigma_min),
+                               min(80.0, denoiser.sigma_max))
+        gens = per_sample_generators(range(n))
+        shape = (o["channels"], o["image_size"], o["image_size"])
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device) * sigmas[0]
+        kwargs = {}
+        if o.get("num_classes"):
+            kwargs["y"] = torch.arange(n, device=self.device) % o["num_classes"]
+        denoiser.eval()
+        return to_uint8(heun(denoiser, x, sigmas, generator=gens, model_kwargs=kwargs).clamp(-1, 1))
 
     def run(self):
         from tqdm.auto import tqdm
@@ -238,12 +301,13 @@ class Trainer:
         t_start, n_images = time.perf_counter(), 0
         while self.step < o["steps"]:
             out = self.train_step()
-            n_images += out["t"].shape[0]
+            n_images += out["loss"].shape[0]
             for k in ("loss", "mse", "vb"):
                 if k in out:
                     acc.setdefault(k, []).append(out[k].mean().item())
             T = self.diffusion.num_timesteps
-            for q in range(4):   # loss by quarter of the process, as improved-diffusion logs it
+            for q in range(4 if "t" in out else 0):   # loss by quarter of the process (as
+                # improved-diffusion logs it; discrete objective only)
                 sel = (out["t"] * 4 // T) == q
                 if sel.any():
                     acc.setdefault(f"loss_q{q}", []).append(out["loss"][sel].mean().item())

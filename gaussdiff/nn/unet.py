@@ -39,6 +39,7 @@ class UNetConfig:
     resblock_updown: bool = False
     conv_resample: bool = True
     norm_groups: int = 32
+    augment_dim: int = 0   # length of EDM's augmentation label (9), 0: no augment conditioning
 
     def __post_init__(self):
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
@@ -75,10 +76,13 @@ class UNetConfig:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (as in ADM)."""
+    """GroupNorm computed in at least float32 (ADM: float32 for fp16 inputs; float64 stays float64)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        w = None if self.weight is None else self.weight.to(dt)
+        b = None if self.bias is None else self.bias.to(dt)
+        return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -207,7 +211,8 @@ class AttentionBlock(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """model(x [B, C, H, W], timesteps [B] long or float, y [B] long = None) -> [B, out, H, W]."""
+    """model(x [B, C, H, W], timesteps [B] long or float, y [B] long = None,
+    augment_labels [B, augment_dim] = None) -> [B, out, H, W]."""
 
     def __init__(self, config: UNetConfig, extra_in_channels: int = 0):
         super().__init__()
@@ -216,6 +221,8 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
         if c.num_classes is not None:
             self.label_emb = nn.Embedding(c.num_classes, ted)
+        if c.augment_dim:   # EDM's map_augment: added to the noise-level embedding, no bias
+            self.augment_emb = nn.Linear(c.augment_dim, c.model_channels, bias=False)
         heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
         G = c.norm_groups
 
@@ -260,11 +267,18 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(G, ch), nn.SiLU(),
                                  zero_module(nn.Conv2d(input_ch, c.out_channels, 3, padding=1)))
 
-    def forward(self, x, timesteps, y=None, **extra):
+    def forward(self, x, timesteps, y=None, augment_labels=None, **extra):
+        """augment_labels: [B, augment_dim] from `gaussdiff.augment.AugmentPipe` while training;
+        None (the same as zeros: no augmentation) when sampling."""
         c = self.config
         if (y is None) != (c.num_classes is None):
             raise ValueError("pass class labels y if and only if the model is class-conditional")
-        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(x.dtype))
+        emb = timestep_embedding(timesteps, c.model_channels).to(x.dtype)
+        if augment_labels is not None:
+            if not c.augment_dim:
+                raise ValueError("augment_labels given, but the model was built with augment_dim=0")
+            emb = emb + self.augment_emb(augment_labels.to(emb.dtype))
+        emb = self.time_embed(emb)
         if y is not None:
             emb = emb + self.label_emb(y)
         h, hs = x, []

@@ -1,0 +1,206 @@
+"""`gaussdiff eval`: sample-quality metrics of generated images against a reference set.
+
+Feature spaces and the metrics computed in each:
+- Inception pool_3 (2048-d): fid, and kid / prec / rec with space="inception" (the default).
+- Inception spatial (mixed_6/conv, 2023-d, ADM's sFID features): sfid.
+- A feature classifier trained on the data (`gaussdiff train-feature-net`), named NAME in its
+  config: fd (-> "fd_NAME"), is (-> "is_NAME"), and kid / prec / rec with space="net"
+  (-> "kid_NAME", "precision_NAME", "recall_NAME"). Keys carry the name so these proxies are
+  never mistaken for the Inception metrics.
+
+Reference statistics (μ, Σ and the features that KID and precision/recall need) are cached in
+one .npz per (reference content, number of reference images, feature network), so a second
+evaluation against the same reference only costs the samples. The cache key hashes the
+reference images themselves (sha1 of the uint8 array), not their path.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from typing import Dict, Iterable, Optional
+
+import numpy as np
+
+from ..errors import UsageError
+from .classifier import net_outputs
+from .frechet import feature_statistics, frechet_distance
+from .inception import InceptionFeatures
+from .inception_score import inception_score
+from .kid import kernel_distance
+from .precision_recall import precision_recall
+
+METRICS = ("fid", "sfid", "kid", "prec", "rec", "is", "fd")
+SPACES = ("inception", "net")
+CACHE_ENV = "GAUSSDIFF_CACHE"
+CACHE_VERSION = 1
+
+
+def default_cache_dir(explicit: Optional[str] = None) -> str:
+    """--cache-dir, else $GAUSSDIFF_CACHE, else ~/.cache/gaussdiff."""
+    return explicit or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "gaussdiff")
+
+
+def parse_metrics(text: str) -> list:
+    names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise UsageError(f"--metrics: unknown metric(s) {', '.join(bad) or '(none given)'}: "
+                         f"choose from {','.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def images_sha1(images: np.ndarray) -> str:
+    h = hashlib.sha1(f"{images.dtype}{images.shape}".encode())
+    h.update(np.ascontiguousarray(images).data)
+    return h.hexdigest()
+
+
+def _atomic_savez(path: str, arrays: Dict[str, np.ndarray]):
+    from ..modeldir import atomic_write_bytes
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())   # temp file + rename: no half-written cache
+
+
+def _network_spec(network) -> str:
+    """The identity of a feature network for cache keys (weights hash + preprocessing)."""
+    if isinstance(network, InceptionFeatures):
+        return network.network_id
+    return f"feature-net:{network.config.get('name')}:{network.sha1}"
+
+
+def compute_features(network, images: np.ndarray, batch_size: int = 50, progress: bool = True,
+                     desc: str = "") -> Dict[str, np.ndarray]:
+    """Features of uint8 NHWC images. Inception: {"pool", "spatial"}; a FeatureNet:
+    {"net", "probs"}."""
+    if isinstance(network, InceptionFeatures):
+        return network.extract(images, batch_size=batch_size, spatial=True, progress=progress,
+                               desc=f"inception {desc}".strip())
+    out = net_outputs(network, images, batch_size=max(batch_size, 256), progress=progress,
+                      desc=f"feature net {desc}".strip())
+    return {"net": out["features"], "probs": out["probs"]}
+
+
+def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str,
+                         batch_size: int = 50, progress: bool = True) -> Dict[str, np.ndarray]:
+    """Cached statistics of reference images [M, H, W, C] for `network`.
+
+    Inception: pool_features [M, 2048] float32, pool_mu, pool_sigma, spatial_mu, spatial_sigma.
+    FeatureNet: net_features [M, d], net_mu, net_sigma. Also "_path" and "_hit" (was cached).
+    """
+    key = json.dumps({"version": CACHE_VERSION, "images": images_sha1(images), "num": len(images),
+                      "network": _network_spec(network)}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    kind = "inception" if isinstance(network, InceptionFeatures) else "net"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40] or "ref"
+    path = os.path.join(cache_dir, f"ref-{safe}-{kind}-{len(images)}-{digest}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["key"]) == key:
+                    out = {k: f[k] for k in f.files if k != "key"}
+                    return out | {"_path": path, "_hit": True}
+        except Exception:
+            pass   # unreadable or foreign: recompute and overwrite
+    feats = compute_features(network, images, batch_size, progress, desc="(reference)")
+    arrays: Dict[str, np.ndarray] = {"key": np.array(key)}
+    if kind == "net":
+        arrays["net_features"] = feats["net"]
+        arrays["net_mu"], arrays["net_sigma"] = feature_statistics(feats["net"])
+    else:
+        arrays["pool_features"] = feats["pool"].astype(np.float32)
+        arrays["pool_mu"], arrays["pool_sigma"] = feature_statistics(feats["pool"])
+        arrays["spatial_mu"], arrays["spatial_sigma"] = feature_statistics(feats["spatial"])
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        _atomic_savez(path, arrays)
+    except OSError as e:
+        raise UsageError(f"cannot write the reference cache {path} ({e}): choose another "
+                         f"--cache-dir or set ${CACHE_ENV}") from None
+    arrays.pop("key")
+    return arrays | {"_path": path, "_hit": False}
+
+
+def evaluate(samples: np.ndarray, reference: np.ndarray, metrics: Iterable[str] = ("fid",),
+             reference_name: str = "reference", space: str = "inception", feature_net=None,
+             cache_dir: Optional[str] = None, batch_size: int = 50, kid_subset_size: int = 1000,
+             kid_subsets: int = 100, pr_k: int = 3, is_splits: int = 10, seed: int = 0,
+             device=None, progress: bool = True) -> dict:
+    """Metrics of uint8 NHWC `samples` [N, H, W, C] against `reference` [M, H', W', C'].
+
+    metrics: names from METRICS. space: feature space of kid/prec/rec ("inception" or "net").
+    feature_net: a loaded FeatureNet (needed by fd, is and space="net").
+    Returns dict(metrics={...}, settings={...}, reference={...}, networks={...}).
+    """
+    metrics = list(metrics)
+    if space not in SPACES:
+        raise UsageError(f"unknown feature space {space!r}: choose inception or net")
+    needs_net = bool({"fd", "is"} & set(metrics)) or (space == "net" and bool({"kid", "prec", "rec"} & set(metrics)))
+    needs_inception = bool({"fid", "sfid"} & set(metrics)) or (space == "inception" and bool({"kid", "prec", "rec"} & set(metrics)))
+    if needs_net and feature_net is None:
+        raise UsageError("metrics fd, is and --space net need a feature network: pass --feature-net DIR "
+                         "(train one with `gaussdiff train-feature-net`)")
+    if len(samples) < 2 or len(reference) < 2:
+        raise UsageError(f"need at least 2 samples and 2 reference images, got {len(samples)} and {len(reference)}")
+    cache_dir = default_cache_dir(cache_dir)
+    out: Dict[str, float] = {}
+    settings: dict = {"space": space}
+    ref_info: dict = {"name": reference_name, "num": len(reference), "sha1": images_sha1(reference),
+                      "cache": {}}
+    networks: dict = {}
+
+    if needs_inception:
+        from .inception import get_inception
+        inc = get_inception(device)
+        networks["inception"] = inc.network_id
+        ref = reference_statistics(inc, reference, reference_name, cache_dir, batch_size, progress)
+        ref_info["cache"]["inception"] = {"path": ref["_path"], "hit": ref["_hit"]}
+        f = compute_features(inc, samples, batch_size, progress, desc="(samples)")
+        if "fid" in metrics:
+            out["fid"] = frechet_distance(*feature_statistics(f["pool"]), ref["pool_mu"], ref["pool_sigma"])
+        if "sfid" in metrics:
+            out["sfid"] = frechet_distance(*feature_statistics(f["spatial"]), ref["spatial_mu"], ref["spatial_sigma"])
+        if space == "inception":
+            _space_metrics(out, settings, metrics, f["pool"], ref["pool_features"], "",
+                           kid_subset_size, kid_subsets, pr_k, seed)
+
+    if needs_net:
+        name = feature_net.config.get("name", "net")
+        networks["net"] = {"name": name, "sha1": feature_net.sha1,
+                           "path": getattr(feature_net, "path", None),
+                           "dataset": feature_net.config.get("dataset")}
+        f = compute_features(feature_net, samples, batch_size, progress, desc="(samples)")
+        if "fd" in metrics or space == "net":
+            ref = reference_statistics(feature_net, reference, reference_name, cache_dir, batch_size, progress)
+            ref_info["cache"]["net"] = {"path": ref["_path"], "hit": ref["_hit"]}
+            if "fd" in metrics:
+                out[f"fd_{name}"] = frechet_distance(*feature_statistics(f["net"]), ref["net_mu"], ref["net_sigma"])
+            if space == "net":
+                _space_metrics(out, settings, metrics, f["net"], ref["net_features"], f"_{name}",
+                               kid_subset_size, kid_subsets, pr_k, seed)
+        if "is" in metrics:
+            splits = max(1, min(is_splits, len(samples)))
+            out[f"is_{name}"], out[f"is_{name}_std"] = inception_score(f["probs"], splits)
+            settings["is_splits"] = splits
+    return dict(metrics=out, settings=settings, num_samples=len(samples), reference=ref_info,
+                networks=networks)
+
+
+def _space_metrics(out, settings, metrics, fake, real, suffix, kid_subset_size, kid_subsets, pr_k, seed):
+    if "kid" in metrics:
+        mean, std, m = kernel_distance(fake, real, kid_subset_size, kid_subsets, seed)
+        out[f"kid{suffix}"], out[f"kid{suffix}_std"] = mean, std
+        settings.update(kid_subset_size=m, kid_subsets=kid_subsets, kid_seed=seed)
+    if "prec" in metrics or "rec" in metrics:
+        if min(len(fake), len(real)) <= pr_k:
+            raise UsageError(f"precision/recall with k={pr_k} need more than {pr_k} samples and "
+                             f"reference images")
+        p, r = precision_recall(real, fake, k=pr_k)
+        if "prec" in metrics:
+            out[f"precision{suffix}"] = p
+        if "rec" in metrics:
+            out[f"recall{suffix}"] = r
+        settings["pr_k"] = pr_k
