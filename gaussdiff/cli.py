@@ -31,7 +31,9 @@ def add_train_parser(sub):
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="named settings (papers' and small CPU ones)")
     a("--out", required=True, help="run directory (created; holds checkpoints, log.jsonl, samples/)")
-    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--resume", nargs="?", const="auto", metavar="auto|CHECKPOINT",
+      help="continue the run in --out: from the newest checkpoint whose checksums verify "
+           "(auto, the default), or from the one named (stepNNNNNNN or its path)")
     a("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     a("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("data")
@@ -40,6 +42,13 @@ def add_train_parser(sub):
     g.add_argument("--image-size", type=int, help="image side in pixels (default: the data's)")
     g.add_argument("--channels", type=int, help="1 or 3 (default: the data's)")
     g.add_argument("--class-cond", type=_bool, help="condition on class labels (true/false)")
+    g.add_argument("--label-dropout", type=float, metavar="P",
+                   help="replace the label by a null label with probability P, so that the model "
+                        "is also its own unconditional model (classifier-free guidance; 0: off)")
+    g.add_argument("--task", choices=("generate", "upsample"),
+                   help="upsample: a super-resolution model p(x | x_low, y), the second stage of "
+                        "a cascade, conditioned on the image area-downsampled to --low-res")
+    g.add_argument("--low-res", type=int, help="side of the low-resolution input of --task upsample")
     g.add_argument("--flip", type=_bool, help="random horizontal flips (true/false)")
     g.add_argument("--augment", type=float, metavar="P",
                    help="EDM's non-leaky augmentation with probability P (EDM: 0.12-0.15; 0: off); "
@@ -93,15 +102,39 @@ def add_train_parser(sub):
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("logging")
     g.add_argument("--save-every", type=int)
+    g.add_argument("--keep", type=int, help="checkpoint directories kept in OUT/checkpoints/, the "
+                                            "newest (3; 0: all)")
+    g.add_argument("--max-bad-steps", type=int,
+                   help="stop after this many consecutive steps with a non-finite loss or "
+                        "gradient, which are skipped (20; 0: never stop)")
     g.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: never)")
     g.add_argument("--sample-steps", type=int, help="DDIM steps for the sample grids (Heun steps "
                                                     "for σ-space objectives)")
     g.add_argument("--sample-num", type=int)
     g.add_argument("--log-every", type=int)
+    g = p.add_argument_group("performance and memory (docs/performance.md); under torchrun "
+                             "--batch-size is the global batch")
+    g.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+                   help="fp16: autocast with ADM's dynamic loss scaling (2^20, halved on overflow, "
+                        "the step skipped); bf16: autocast. Weights, optimizer and EMA stay fp32. "
+                        "On a CPU half precision falls back to fp32 unless --force-precision")
+    g.add_argument("--force-precision", action="store_true", default=None,
+                   help="use --precision fp16/bf16 even on a CPU (slow there)")
+    g.add_argument("--microbatch", type=int, metavar="M",
+                   help="run the batch in chunks of M rows, accumulating gradients (same step as "
+                        "the whole batch; 0: off)")
+    g.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="recompute block activations in the backward pass (less memory, ~30%% "
+                        "more compute)")
+    g.add_argument("--channels-last", action="store_true", default=None,
+                   help="NHWC memory format for the network")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the network (minutes of start-up on a CPU)")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args):
+    from .distributed import cleanup, setup
     from .presets import get_preset
     from .train import DEFAULTS, Trainer
     opts = dict(DEFAULTS)
@@ -109,10 +142,15 @@ def cmd_train(args):
         opts.update(get_preset(args.preset))
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     opts.update(given)
-    trainer = Trainer(opts, args.out, resume=args.resume, device=args.device,
-                      progress=not args.no_progress)
-    trainer.run()
-    print(f"trained to step {trainer.step}; model directory: {args.out}")
+    dist, device = setup(args.device)   # torchrun: a process group; else one process
+    try:
+        trainer = Trainer(opts, args.out, resume=args.resume, device=device,
+                          progress=not args.no_progress, dist=dist)
+        trainer.run()
+    finally:
+        cleanup()
+    if dist.is_main:
+        print(f"trained to step {trainer.step}; model directory: {args.out}")
 
 
 # ------------------------------------------------------------------------------------- sample
@@ -120,8 +158,14 @@ def add_sample_parser(sub):
     from .schedules import SIGMA_SCHEDULES
     p = sub.add_parser("sample", help="draw images from a model directory")
     a = p.add_argument
-    a("model", help="model or run directory (config.json + *.safetensors)")
-    a("--num", type=int, default=64, help="number of images (64)")
+    a("model", nargs="?", help="model or run directory (config.json + *.safetensors)")
+    a("--cascade", nargs=2, metavar=("BASE_DIR", "UPSAMPLER_DIR"),
+      help="instead of MODEL: sample the base model, then refine its images with the upsampler "
+           "(gaussdiff train --task upsample); guidance applies to the base model; --grid also "
+           "writes the base images as GRID.low.png")
+    a("--num", "--num-samples", dest="num", type=int, default=64,
+      help="number of images (64); under torchrun write --num-samples (torchrun itself takes "
+           "--num as an abbreviation of its --numa-binding)")
     a("--sampler", default="ddim",
       help="ddpm (ancestral) or ddim: the discrete engine; or a σ-space sampler (EDM): euler, "
            "heun, heun_vp, euler_ancestral, ddim_sigma, dpmpp_2m, adaptive (default ddim)")
@@ -130,13 +174,19 @@ def add_sample_parser(sub):
     a("--eta", type=float, help="η of ddim and ddim_sigma (default 0: deterministic) and of "
                                 "euler_ancestral (default 1)")
     a("--seed", type=int, default=0, help="image i depends only on (seed, i)")
-    a("--batch-size", type=int, default=64)
-    a("--label", type=int, help="class label for every image (class-conditional models)")
+    a("--batch-size", type=_batch_size, default=64,
+      help="images per batch (64), or auto: the fastest on a quick probe (CPU) or the largest "
+           "that fits in memory (CUDA)")
+    a("--channels-last", action="store_true", help="NHWC memory format for the network")
+    a("--label", type=int, help="class label for every image (class-conditional models, or an "
+                                "unconditional one guided by --classifier)")
     a("--ema", default="auto", help="which weights: auto, raw, or an EMA rate like 0.9999")
     a("--out", help="write an ADM-compatible .npz (uint8 NHWC arr_0, labels arr_1)")
     a("--grid", help="write a PNG grid")
     a("--device")
     a("--no-progress", action="store_true")
+    from .cli_tools import add_guidance_arguments
+    add_guidance_arguments(p)
     g = p.add_argument_group("σ-space samplers (EDM, Karras et al. 2022)")
     g.add_argument("--schedule", choices=SIGMA_SCHEDULES,
                    help="noise levels (EDM Table 1): karras (default; ρ-spaced in [0.002, 80] "
@@ -155,34 +205,86 @@ def add_sample_parser(sub):
     p.set_defaults(func=cmd_sample)
 
 
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
+
+
 def cmd_sample(args):
-    import gaussdiff
-    from .images import save_grid, save_npz
+    from .distributed import cleanup, setup
     from .modeldir import SAMPLER_NAMES
-    if args.num < 1 or args.batch_size < 1:
+    if args.num < 1 or (args.batch_size != "auto" and args.batch_size < 1):
         raise UsageError("--num and --batch-size must be positive")
     if args.sampler not in SAMPLER_NAMES:
         raise UsageError(f"--sampler {args.sampler}: unknown sampler, choose one of {', '.join(SAMPLER_NAMES)}")
     if not args.out and not args.grid:
         raise UsageError("give --out SAMPLES.npz and/or --grid GRID.png")
+    if (args.model is None) == (args.cascade is None):
+        raise UsageError("give a MODEL directory or --cascade BASE_DIR UPSAMPLER_DIR (one of them)")
     for path in (args.out, args.grid):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"{path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
-    pipe = gaussdiff.load(args.model, device=args.device, ema=None if args.ema == "raw" else args.ema)
+    dist, device = setup(args.device)   # torchrun: rank r draws its share of the indices
+    try:
+        _sample(args, dist, device)
+    finally:
+        cleanup()
+
+
+def _sample(args, dist, device):
+    import gaussdiff
+    import torch
+    from .distributed import all_gather_cat, shard
+    from .cli_tools import guidance_from_args, sample_cascade
+    from .images import save_grid, save_npz
+    guidance = guidance_from_args(args, device)
+    if args.cascade:
+        if dist.enabled:
+            raise UsageError("--cascade runs in one process (not under torchrun)")
+        return sample_cascade(args, device, guidance)
+    pipe = gaussdiff.load(args.model, device=device, ema=None if args.ema == "raw" else args.ema)
+    if args.channels_last:
+        pipe.model.to(memory_format=torch.channels_last)
     steps = int(args.steps) if args.steps.isdigit() else args.steps
     labels = None
     if args.label is not None:
-        if pipe.num_classes is None or not 0 <= args.label < pipe.num_classes:
-            raise UsageError(f"--label {args.label}: the model has "
-                             f"{pipe.num_classes or 'no'} classes")
+        nc = pipe.num_classes or (guidance and guidance.num_classes)   # or the classifier's
+        if not nc or not 0 <= args.label < nc:
+            raise UsageError(f"--label {args.label}: the model has {nc or 'no'} classes")
         labels = [args.label] * args.num
+    if args.num < dist.world_size:
+        raise UsageError(f"--num-samples {args.num} is less than the number of processes "
+                         f"({dist.world_size})")
+    part = shard(args.num, dist)   # image i depends only on (seed, i): any split gives the same
+    count = part.stop - part.start
+    batch_size = args.batch_size
+    if batch_size == "auto":
+        from .perf import autotune_batch_size
+        batch_size = autotune_batch_size(pipe, count)
+        if dist.is_main:
+            print(f"--batch-size auto: {batch_size}")
     stats = {}
-    images, y = pipe.sample(args.num, args.sampler, steps, eta=args.eta, seed=args.seed,
-                            batch_size=args.batch_size, labels=labels,
-                            progress=not args.no_progress, sigma_schedule=args.schedule,
+    images, y = pipe.sample(count, args.sampler, steps, eta=args.eta, seed=args.seed,
+                            batch_size=batch_size, labels=labels and labels[part],
+                            progress=not args.no_progress and dist.is_main,
+                            start_index=part.start, sigma_schedule=args.schedule,
                             rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                            churn=args.churn, tmin=args.tmin, tmax=args.tmax, snoise=args.snoise,
-                            rtol=args.rtol, atol=args.atol, quantize=args.quantize, stats=stats)
+                            churn=args.churn, tmin=args.tmin, tmax=args.tmax,
+                            snoise=args.snoise, rtol=args.rtol, atol=args.atol,
+                            quantize=args.quantize, stats=stats, guidance=guidance)
+    if dist.enabled:   # rank 0 gathers the parts in index order
+        on = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else torch.device("cpu")
+        images = all_gather_cat(torch.from_numpy(images).to(on), dist).cpu().numpy()
+        if y is not None:
+            y = all_gather_cat(torch.from_numpy(y).to(on), dist).cpu().numpy()
+        nfe = all_gather_cat(torch.tensor([stats["nfe"]], device=on), dist)
+        stats["nfe"] = int(nfe.max())
+        if not dist.is_main:
+            return
     print(f"{args.sampler}: {stats['nfe']} network evaluations per image")
     if args.out:
         print(f"wrote {save_npz(args.out, images, y)} ({len(images)} images)")
@@ -239,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     from .cli_metrics import add_metrics_parsers   # eval, nll, train-feature-net
     add_metrics_parsers(sub)
+    from .cli_tools import add_tools_parsers   # train-classifier, invert, interpolate, inpaint
+    add_tools_parsers(sub)
+    from .cli_interop import add_interop_parsers   # convert-openai, dataset, export-torchscript
+    add_interop_parsers(sub)
     add_plot_parser(sub)
     return parser
 
@@ -250,6 +356,10 @@ def main(argv=None) -> int:
         args.func(args)
     except UsageError as e:
         print(f"gaussdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # disk full, unwritable or vanished paths: the system's one-line reason
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"gaussdiff {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

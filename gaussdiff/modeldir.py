@@ -99,11 +99,35 @@ def read_config(path: str) -> dict:
     for key in ("model", "diffusion", "data"):
         if not isinstance(cfg.get(key), dict):
             raise UsageError(f"{cfg_path}: missing section {key!r}")
+    from .validate import check_config   # types and ranges, before anything is built from them
+    check_config(cfg, cfg_path)
     return cfg
 
 
-def build_model(cfg: dict) -> UNetModel:
-    return UNetModel(UNetConfig.from_dict(cfg["model"]))
+def build_model(cfg: dict) -> torch.nn.Module:
+    """The network of a config: a UNetModel, a SuperResModel (a "task" section of type
+    "upsample") or, for a classifier directory ("kind": "classifier"), an EncoderUNetModel."""
+    if cfg.get("kind") == "classifier":
+        from .nn.encoder import EncoderConfig, EncoderUNetModel
+        return EncoderUNetModel(EncoderConfig.from_dict(cfg["model"]))
+    from .nn.unet import SuperResModel
+    upsample = task_of(cfg)["type"] == "upsample"
+    return (SuperResModel if upsample else UNetModel)(UNetConfig.from_dict(cfg["model"]))
+
+
+TASKS = ("generate", "upsample")
+
+
+def task_of(cfg: dict) -> dict:
+    """A config's "task" section: {"type": "generate"} (also when absent) or {"type":
+    "upsample", "low_res": N} (the second stage of a cascade, gaussdiff train --task upsample)."""
+    task = cfg.get("task") or {"type": "generate"}
+    low_res = task.get("low_res") if isinstance(task, dict) else None
+    if not isinstance(task, dict) or task.get("type") not in TASKS or (
+            task["type"] == "upsample" and not (type(low_res) is int and low_res > 0)):
+        raise UsageError(f"config.json: bad task section {task!r}: expected type generate, or "
+                         f"type upsample with a positive integer low_res")
+    return task
 
 
 def load_state_into(model: torch.nn.Module, path: str):
@@ -149,6 +173,11 @@ class Pipeline:
     @property
     def num_classes(self) -> Optional[int]:
         return self.config["model"].get("num_classes")
+
+    @property
+    def task(self) -> str:
+        """"generate", or "upsample" for the second stage of a cascade (needs low_res)."""
+        return task_of(self.config)["type"]
 
     def respaced(self, steps) -> GaussianDiffusion:
         """This model's diffusion respaced to `steps` (an int, "ddimN", "a,b,c" or a list)."""
@@ -196,7 +225,8 @@ class Pipeline:
                churn: Optional[float] = None, tmin: Optional[float] = None,
                tmax: Optional[float] = None, snoise: Optional[float] = None,
                rtol: Optional[float] = None, atol: Optional[float] = None, quantize: bool = False,
-               state_dtype: Optional[torch.dtype] = None, stats: Optional[dict] = None):
+               state_dtype: Optional[torch.dtype] = None, stats: Optional[dict] = None,
+               guidance=None, low_res: Optional[torch.Tensor] = None):
         """Draw `num` images. Returns (uint8 NHWC array, int64 labels or None).
 
         sampler: "ddpm" (ancestral) or "ddim" (with eta), the discrete engine, with `steps` a
@@ -213,6 +243,9 @@ class Pipeline:
         clip_denoised: clamp the x0 estimate to [-1, 1], for every sampler.
         stats: a dict that receives "nfe", the network evaluations per image (the most over the
         batches), and "nfe_per_batch".
+        guidance: a gaussdiff.guidance.Guidance (classifier and classifier-free guidance,
+        temperature). low_res: [num, C, h, w] in [-1, 1], the low-resolution images an
+        upsampling model (`task` "upsample") refines, row i for image i.
         Image i depends only on (seed, start_index + i), never on the batch size.
         """
         from tqdm.auto import tqdm
@@ -233,18 +266,28 @@ class Pipeline:
             loop = diffusion.p_sample_loop if sampler == "ddpm" else \
                 partial(diffusion.ddim_sample_loop, eta=options.get("eta", 0.0))
             num_steps = diffusion.num_timesteps
+            wrap, guided = (lambda m: m), {}
+            if guidance is not None:   # model wrappers, cond_fn and noise_scale of the loop
+                wrap, guided = guidance.for_discrete(self, sampler, options)
 
             def run(noise, kwargs, gens, batch_stats):
-                return loop(NFECounter(self.model, batch_stats), noise.shape, noise=noise,
-                            model_kwargs=kwargs, clip_denoised=clip_denoised, generator=gens)
+                return loop(wrap(NFECounter(self.model, batch_stats)), noise.shape, noise=noise,
+                            model_kwargs=kwargs, clip_denoised=clip_denoised, generator=gens,
+                            **guided)
         else:
             run, num_steps = self._sigma_sampler(sampler, steps, options, sigma_schedule, rho,
                                                  sigma_min, sigma_max, quantize, clip_denoised,
-                                                 state_dtype)
+                                                 state_dtype, guidance)
+        if (low_res is None) != (self.task != "upsample") or \
+                (low_res is not None and len(low_res) != num):
+            raise UsageError(f"{self.path or 'this model'}: pass low_res, {num} low-resolution images, "
+                             f"if and only if the model is an upsampler (its task is {self.task})")
         device = next(self.model.parameters()).device
         self.model.eval()
         out, out_labels, nfe = [], [], []
-        nc = self.num_classes
+        nc = self.num_classes   # an unconditional model guided by a classifier: its labels
+        if nc is None and guidance is not None:
+            nc = guidance.num_classes
         bar = tqdm(total=num, disable=not progress, desc=f"sampling ({sampler}, {num_steps} steps)",
                    unit="img")
         for start in range(0, num, batch_size):
@@ -258,6 +301,8 @@ class Pipeline:
                     y = torch.tensor([int(torch.randint(nc, (1,), generator=g)) for g in gens])
                 kwargs["y"] = y.to(device)
                 out_labels.append(y.numpy())
+            if low_res is not None:
+                kwargs["low_res"] = low_res[start:start + len(idx)].to(device)
             shape = (len(idx),) + self.image_shape
             noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
             batch_stats = {}
@@ -271,7 +316,7 @@ class Pipeline:
         return np.concatenate(out), (np.concatenate(out_labels) if out_labels else None)
 
     def _sigma_sampler(self, sampler, steps, options, sigma_schedule, rho, sigma_min, sigma_max,
-                       quantize, clip_denoised, state_dtype):
+                       quantize, clip_denoised, state_dtype, guidance=None):
         """(run(noise, model_kwargs, generators, stats) -> x, number of steps) of a σ-space sampler."""
         import inspect
         from .denoisers import ClipDenoised, pipeline_denoiser
@@ -286,7 +331,9 @@ class Pipeline:
         kwargs = {("noise_scale" if k == "snoise" else k): v for k, v in options.items()}
         denoiser = pipeline_denoiser(self, quantize)
         sigmas = self.sigma_steps(steps, sigma_schedule or "karras", rho, sigma_min, sigma_max, denoiser)
-        if clip_denoised:
+        if guidance is not None:   # denoiser wrappers (clipping included) and noise_scale
+            denoiser, kwargs = guidance.for_sigma_space(self, denoiser, sampler, kwargs, clip_denoised)
+        elif clip_denoised:
             denoiser = ClipDenoised(denoiser)
         device = next(self.model.parameters()).device
         dtype = state_dtype or (torch.float64 if device.type == "cpu" else torch.float32)
@@ -304,23 +351,34 @@ def _check_sampler_options(sampler: str, given: dict, accepted):
             raise UsageError(f"option {name} does not apply to the {sampler} sampler")
 
 
+def weights_path(path: str, cfg: dict, ema: Optional[str] = "auto") -> str:
+    """The weights file of a model directory: see `load` for `ema`."""
+    if ema == "auto":
+        preferred = cfg.get("training", {}).get("sample_ema")
+        emas = sorted(f for f in os.listdir(path) if f.startswith("ema_") and f.endswith(".safetensors"))
+        if preferred is not None and os.path.exists(os.path.join(path, ema_name(preferred))):
+            return os.path.join(path, ema_name(preferred))
+        if emas:
+            return os.path.join(path, emas[0])
+    elif ema is not None:
+        try:
+            rate = float(ema)
+        except (TypeError, ValueError):
+            raise UsageError(f"--ema {ema!r}: expected auto, raw or an EMA rate like 0.9999") from None
+        return os.path.join(path, ema_name(rate))
+    return os.path.join(path, WEIGHTS_NAME)
+
+
 def load(path: str, device=None, ema: Optional[str] = "auto") -> Pipeline:
     """Load a model directory. ema="auto" takes the EMA weights named in config.json (or the
     only EMA file), falling back to model.safetensors; ema=None takes the raw weights;
     ema="0.9999" takes that rate."""
     cfg = read_config(path)
+    if cfg.get("kind") == "classifier":
+        raise UsageError(f"{path} holds a noisy classifier (gaussdiff train-classifier), not a "
+                         f"diffusion model: pass it as --classifier (gaussdiff.classifier.load_classifier)")
     model = build_model(cfg)
-    weights = os.path.join(path, WEIGHTS_NAME)
-    if ema == "auto":
-        preferred = cfg.get("training", {}).get("sample_ema")
-        emas = sorted(f for f in os.listdir(path) if f.startswith("ema_") and f.endswith(".safetensors"))
-        if preferred is not None and os.path.exists(os.path.join(path, ema_name(preferred))):
-            weights = os.path.join(path, ema_name(preferred))
-        elif emas:
-            weights = os.path.join(path, emas[0])
-    elif ema is not None:
-        weights = os.path.join(path, ema_name(float(ema)))
-    load_state_into(model, weights)
+    load_state_into(model, weights_path(path, cfg, ema))
     model.to(device or default_device()).eval()
     denoiser = None
     if cfg.get("precond"):   # σ-space objective: rebuild D(x; σ) around the network

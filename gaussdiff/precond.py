@@ -182,8 +182,17 @@ class SigmaLoss:
         return {"type": self.kind, **asdict(self)}
 
     def __call__(self, denoiser, y: torch.Tensor, generator=None, model_kwargs=None) -> dict:
+        sigma, n = self.draw(y, generator)
+        return self.evaluate(denoiser, y, sigma, n, model_kwargs)
+
+    def draw(self, y: torch.Tensor, generator=None):
+        """(σ [B], n [B, C, H, W] ~ N(0, σ²I)) for the rows of y, σ drawn first."""
         sigma = self.sample_sigma(y.shape[0], generator).to(y.device, y.dtype)
-        n = randn(y.shape, generator, device=y.device, dtype=y.dtype) * _bc(sigma, y)
+        return sigma, randn(y.shape, generator, device=y.device, dtype=y.dtype) * _bc(sigma, y)
+
+    def evaluate(self, denoiser, y: torch.Tensor, sigma: torch.Tensor, n: torch.Tensor,
+                 model_kwargs=None) -> dict:
+        """The loss terms at given σ and n (rows may be any part of a drawn batch)."""
         D = denoiser(y + n, sigma, **(model_kwargs or {}))
         mse = mean_flat((D - y) ** 2)
         return dict(loss=self.weight(sigma) * mse, mse=mse, sigma=sigma)

@@ -6,24 +6,11 @@ serves the resume, sampling and model-directory error tests.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-TINY = ["--model-channels", "32", "--channel-mult", "1", "--num-res-blocks", "1",
-        "--attention-resolutions", "0", "--diffusion-steps", "50", "--batch-size", "12",
-        "--var-type", "learned_range", "--loss", "hybrid", "--dropout", "0.1", "--flip", "true",
-        "--warmup", "3", "--lr", "1e-3", "--ema", "0.9,0.99", "--save-every", "2",
-        "--sample-every", "0", "--log-every", "1", "--seed", "5", "--no-progress"]
-
-
-def run_cli(*args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "gaussdiff", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
+from cli_helpers import TINY, make_npz, run_cli
 
 def ok(proc):
     assert proc.returncode == 0, proc.stderr
@@ -38,12 +25,6 @@ def assert_usage_error(proc, *mentions):
     assert len(lines) == 1, proc.stderr
     for m in mentions:
         assert m in lines[0], (m, lines[0])
-
-
-def make_npz(path, n=32, channels=1, seed=0):
-    rng = np.random.default_rng(seed)
-    np.savez(path, rng.integers(0, 256, size=(n, 8, 8, channels), dtype=np.uint8))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import UsageError
 
@@ -29,7 +30,7 @@ class UNetConfig:
     out_channels: int = 1
     num_res_blocks: int = 1
     attention_resolutions: Tuple[int, ...] = (14,)   # in pixels, e.g. (16, 8)
-    channel_mult: Tuple[int, ...] = (1, 2, 2)
+    channel_mult: Tuple[float, ...] = (1, 2, 2)   # integers, but ADM's 512x512 model starts at 0.5
     dropout: float = 0.0
     num_classes: Optional[int] = None
     num_heads: int = 1
@@ -40,23 +41,54 @@ class UNetConfig:
     conv_resample: bool = True
     norm_groups: int = 32
     augment_dim: int = 0   # length of EDM's augmentation label (9), 0: no augment conditioning
+    null_class: bool = False   # one more label row, index num_classes: "no label" (label dropout)
+    # the network embeds timestep_scale * t: 1000 / T for checkpoints trained with improved-
+    # diffusion's rescale_timesteps (gaussdiff.convert_openai); gaussdiff's own models use 1
+    timestep_scale: float = 1.0
 
     def __post_init__(self):
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        for name in ("image_size", "in_channels", "model_channels", "out_channels"):
+        self.channel_mult = tuple(int(m) if float(m).is_integer() else float(m)
+                                  for m in self.channel_mult)
+        for name in ("image_size", "in_channels", "model_channels", "out_channels", "num_heads",
+                     "norm_groups"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"model option {name} must be positive, got {getattr(self, name)}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise UsageError(f"num_classes must be positive or null, got {self.num_classes}")
+        if self.num_heads_upsample != -1 and self.num_heads_upsample < 1:
+            raise UsageError(f"num_heads_upsample must be -1 (= num_heads) or positive, "
+                             f"got {self.num_heads_upsample}")
+        if self.augment_dim < 0 or any(r < 0 for r in self.attention_resolutions):
+            raise UsageError("augment_dim and attention_resolutions must be >= 0")
+        if self.num_head_channels != -1 and self.num_head_channels < 1:
+            raise UsageError(f"num_head_channels must be -1 (use num_heads) or positive, "
+                             f"got {self.num_head_channels}")
+        if not self.channel_mult or any(not 0 < m <= 1024 or int(m * self.model_channels)
+                                        != m * self.model_channels for m in self.channel_mult):
+            raise UsageError(f"channel_mult must be a non-empty list of positive multipliers "
+                             f"giving whole channel counts, got {list(self.channel_mult)}")
+        levels = 2 ** (len(self.channel_mult) - 1)
+        if self.image_size % levels:
+            raise UsageError(f"image_size {self.image_size} is not divisible by {levels}, the "
+                             f"downsampling factor of {len(self.channel_mult)} channel_mult levels")
+        if not (math.isfinite(self.timestep_scale) and self.timestep_scale > 0):
+            raise UsageError(f"timestep_scale must be positive, got {self.timestep_scale}")
         if self.num_res_blocks < 1:
             raise UsageError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
-        for mult in self.channel_mult:
-            ch = self.model_channels * mult
+        if self.null_class and self.num_classes is None:
+            raise UsageError("null_class (label dropout) needs a class-conditional model (num_classes)")
+        for level, mult in enumerate(self.channel_mult):
+            ch = int(self.model_channels * mult)
             if ch % self.norm_groups:
                 raise UsageError(f"channels {ch} (model_channels x channel_mult) must be a multiple "
                                  f"of norm_groups={self.norm_groups}")
-            if self.num_head_channels > 0 and ch % self.num_head_channels:
+            # heads of num_head_channels each, where there is attention (the middle block has it)
+            attends = (self.image_size // 2 ** level in self.attention_resolutions
+                       or level == len(self.channel_mult) - 1)
+            if self.num_head_channels > 0 and attends and ch % self.num_head_channels:
                 raise UsageError(f"channels {ch} must be a multiple of num_head_channels="
                                  f"{self.num_head_channels}")
 
@@ -68,11 +100,42 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """The config of a config.json "model" section; unknown keys, values of the wrong
+        JSON type and values out of range raise a one-line UsageError naming the key."""
+        if not isinstance(d, dict):
+            raise UsageError(f"the model config must be an object, got {type(d).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(map(str, set(d) - set(known)))
         if unknown:
             raise UsageError(f"unknown model config keys: {', '.join(unknown)}")
+        for key, value in d.items():
+            _check_json_type(key, value, str(known[key].type))
         return cls(**d)
+
+
+def _check_json_type(key: str, value, annotation: str):
+    """Raise a UsageError unless `value` (from JSON) fits the field annotation."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    if annotation.startswith("Optional["):
+        if value is None:
+            return
+        annotation = annotation[len("Optional["):-1]
+    ok = {"int": is_int, "float": is_num, "bool": lambda v: isinstance(v, bool),
+          "str": lambda v: isinstance(v, str),
+          "Tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(map(is_int, v)),
+          "Tuple[float, ...]": lambda v: isinstance(v, (list, tuple)) and all(map(is_num, v)),
+          }.get(annotation, lambda v: True)(value)
+    if not ok:
+        want = {"int": "an integer", "float": "a number", "bool": "true or false",
+                "str": "a string", "Tuple[int, ...]": "a list of integers",
+                "Tuple[float, ...]": "a list of numbers"}.get(annotation, annotation)
+        text = repr(value)
+        raise UsageError(f"model config key {key} must be {want}, got "
+                         f"{text if len(text) <= 40 else text[:37] + '...'}")
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -110,7 +173,12 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     def forward(self, x, emb):
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+            if getattr(layer, "grad_checkpoint", False) and torch.is_grad_enabled():
+                # keep only the block's input; recompute its activations in the backward pass
+                x = checkpoint(layer, *((x, emb) if isinstance(layer, TimestepBlock) else (x,)),
+                               use_reentrant=False)
+            else:
+                x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
         return x
 
 
@@ -212,7 +280,12 @@ class AttentionBlock(nn.Module):
 
 class UNetModel(nn.Module):
     """model(x [B, C, H, W], timesteps [B] long or float, y [B] long = None,
-    augment_labels [B, augment_dim] = None) -> [B, out, H, W]."""
+    augment_labels [B, augment_dim] = None) -> [B, out, H, W].
+
+    y may also be float weights [B, K] over the K rows of the label embedding (K = num_classes,
+    + 1 with null_class): the label embedding is then y @ label_emb.weight, which interpolates
+    labels (ADM section H). With null_class, label num_classes means "no label" (the model's
+    unconditional half, for classifier-free guidance)."""
 
     def __init__(self, config: UNetConfig, extra_in_channels: int = 0):
         super().__init__()
@@ -220,7 +293,7 @@ class UNetModel(nn.Module):
         ted = c.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
         if c.num_classes is not None:
-            self.label_emb = nn.Embedding(c.num_classes, ted)
+            self.label_emb = nn.Embedding(c.num_classes + int(c.null_class), ted)
         if c.augment_dim:   # EDM's map_augment: added to the noise-level embedding, no bias
             self.augment_emb = nn.Linear(c.augment_dim, c.model_channels, bias=False)
         heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
@@ -273,6 +346,8 @@ class UNetModel(nn.Module):
         c = self.config
         if (y is None) != (c.num_classes is None):
             raise ValueError("pass class labels y if and only if the model is class-conditional")
+        if c.timestep_scale != 1:
+            timesteps = timesteps * c.timestep_scale
         emb = timestep_embedding(timesteps, c.model_channels).to(x.dtype)
         if augment_labels is not None:
             if not c.augment_dim:
@@ -280,7 +355,8 @@ class UNetModel(nn.Module):
             emb = emb + self.augment_emb(augment_labels.to(emb.dtype))
         emb = self.time_embed(emb)
         if y is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + (y.to(emb.dtype) @ self.label_emb.weight.to(emb.dtype)
+                         if y.is_floating_point() else self.label_emb(y))
         h, hs = x, []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -289,3 +365,30 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
+
+    def set_grad_checkpointing(self, enabled: bool = True):
+        """Gradient checkpointing per ResBlock and AttentionBlock: their activations are
+        recomputed in the backward pass instead of stored (less memory, ~1/3 more compute);
+        the gradients are unchanged (dropout masks are replayed)."""
+        for m in self.modules():
+            if isinstance(m, (ResBlock, AttentionBlock)):
+                m.grad_checkpoint = bool(enabled)
+        return self
+
+
+class SuperResModel(UNetModel):
+    """p(x_high | x_low, y): the upsampling stage of a cascade (Improved DDPM section 3,
+    guided-diffusion's SuperResModel). The low-resolution image, bilinearly upsampled to x's
+    size, enters as config.in_channels extra input channels.
+
+    model(x [B, C, H, W], timesteps [B], low_res [B, C, h, w] in [-1, 1], y=None) -> [B, out, H, W].
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config, extra_in_channels=config.in_channels)
+
+    def forward(self, x, timesteps, low_res=None, **kwargs):
+        if low_res is None:
+            raise ValueError("the upsampling model needs the low-resolution image: pass low_res")
+        upsampled = F.interpolate(low_res.to(x.dtype), x.shape[2:], mode="bilinear")
+        return super().forward(torch.cat([x, upsampled], dim=1), timesteps, **kwargs)

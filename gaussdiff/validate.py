@@ -1,0 +1,148 @@
+"""Checks of untrusted configuration: a model directory's config.json and the training options.
+
+Every problem becomes one `UsageError` line naming the file (or flag), the key and what was
+wrong, before anything is built from the values, so that a hand-edited or hostile config never
+ends in a traceback deep inside the network or the diffusion.
+"""
+from __future__ import annotations
+
+import math
+
+from .errors import UsageError
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _describe(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --------------------------------------------------------------------------- config.json
+def check_model_section(section, where: str, classifier: bool = False):
+    """Build-check the "model" section: UNetConfig.from_dict's type and range checks
+    (EncoderConfig's for a classifier directory)."""
+    from .nn.unet import UNetConfig
+    if classifier:
+        from .nn.encoder import EncoderConfig as UNetConfig   # noqa: N814
+    try:
+        return UNetConfig.from_dict(section)
+    except UsageError as e:
+        raise UsageError(f"{where}: \"model\" section: {e}") from None
+
+
+def check_diffusion_section(section, where: str):
+    """Types and choices of the "diffusion" section, then a trial make_diffusion."""
+    from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, make_diffusion
+    from .modeldir import DIFFUSION_KEYS, DIFFUSION_OPTIONAL
+    from .schedules import SCHEDULES
+    unknown = sorted(set(section) - set(DIFFUSION_KEYS))
+    if unknown:
+        raise UsageError(f"{where}: \"diffusion\" section: unknown keys {', '.join(map(str, unknown))}")
+    missing = sorted(set(DIFFUSION_KEYS) - set(section) - set(DIFFUSION_OPTIONAL))
+    if missing:
+        raise UsageError(f"{where}: \"diffusion\" section: missing keys {', '.join(missing)}")
+    choices = dict(schedule=SCHEDULES, mean_type=MEAN_TYPES, var_type=VAR_TYPES,
+                   loss_type=LOSS_TYPES)
+    for key, value in section.items():
+        bad = None
+        if key in choices:
+            if value not in choices[key]:
+                bad = f"must be one of {', '.join(choices[key])}"
+        elif key == "steps":
+            if not _is_int(value) or not 1 <= value <= 1_000_000:
+                bad = "must be an integer in [1, 1000000]"
+        elif key == "vb_stop_grad":
+            if not isinstance(value, bool):
+                bad = "must be true or false"
+        elif key in ("hybrid_lambda", "p2_gamma", "p2_k", "min_snr_gamma"):
+            if not _is_number(value):
+                bad = "must be a finite number"
+            elif value < 0 or (key == "p2_k" and value == 0):
+                bad = "must be positive" if key == "p2_k" else "must be >= 0"
+        if bad:
+            raise UsageError(f"{where}: \"diffusion\" section: {key} {bad}, got {_describe(value)}")
+    try:   # whatever else the section holds, make_diffusion must accept it
+        make_diffusion(**section)
+    except UsageError as e:
+        raise UsageError(f"{where}: \"diffusion\" section: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise UsageError(f"{where}: \"diffusion\" section: bad values ({e})") from None
+
+
+def check_data_section(section, model_section: dict, where: str):
+    for key in ("image_size", "channels"):
+        if key in section and not (_is_int(section[key]) and section[key] >= 1):
+            raise UsageError(f"{where}: \"data\" section: {key} must be a positive integer, "
+                             f"got {_describe(section[key])}")
+    names = section.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise UsageError(f"{where}: \"data\" section: class_names must be a list of strings or null")
+    if section.get("channels") is not None and section["channels"] != model_section.get("in_channels"):
+        raise UsageError(f"{where}: data channels {section['channels']} do not match the model's "
+                         f"in_channels {model_section.get('in_channels')}")
+
+
+def check_precond_section(section, where: str):
+    import torch.nn as nn
+    from .precond import make_precond
+    if not isinstance(section, dict):
+        raise UsageError(f"{where}: \"precond\" section must be an object")
+    for key, value in section.items():
+        if key != "type" and not _is_number(value):
+            raise UsageError(f"{where}: \"precond\" section: {key} must be a finite number, "
+                             f"got {_describe(value)}")
+    try:
+        make_precond(section, nn.Identity())
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UsageError(f"{where}: \"precond\" section: bad values ({e})") from None
+
+
+def check_config(cfg: dict, where: str):
+    """All sections of a config.json that gaussdiff builds something from."""
+    check_model_section(cfg["model"], where, classifier=cfg.get("kind") == "classifier")
+    check_diffusion_section(cfg["diffusion"], where)
+    check_data_section(cfg["data"], cfg["model"], where)
+    if cfg.get("precond") is not None:
+        check_precond_section(cfg["precond"], where)
+    if not isinstance(cfg.get("training", {}), dict):
+        raise UsageError(f"{where}: \"training\" section must be an object")
+
+
+# --------------------------------------------------------------------------- training options
+# option: (minimum, what the flag means when given below it)
+_MINIMUM = dict(steps=1, batch_size=1, save_every=1, log_every=1, sample_every=0, sample_num=1,
+                sample_steps=1, warmup=0, diffusion_steps=1, keep=0, max_bad_steps=0,
+                image_size=1, model_channels=1, num_res_blocks=1, seed=0)
+
+
+def check_train_options(o: dict):
+    """Ranges of `gaussdiff train` options that nothing else checks before they are used."""
+    def flag(k):
+        return "--" + k.replace("_", "-")
+    for key, low in _MINIMUM.items():
+        v = o.get(key)
+        if v is None:
+            continue
+        if not _is_int(v):
+            raise UsageError(f"{flag(key)}: expected an integer, got {_describe(v)}")
+        if v < low:
+            raise UsageError(f"{flag(key)} must be at least {low}, got {v}")
+    for key in ("lr", "weight_decay", "grad_clip", "dropout", "hybrid_lambda", "augment"):
+        v = o.get(key)
+        if v is not None and (not _is_number(v) or v < 0):
+            raise UsageError(f"{flag(key)} must be a finite number >= 0, got {_describe(v)}")
+    if o.get("channels") is not None and o["channels"] not in (1, 3):
+        raise UsageError(f"--channels must be 1 or 3, got {o['channels']}")
+    for key in ("num_heads",):
+        v = o.get(key)
+        if v is not None and _is_int(v) and v < 1:
+            raise UsageError(f"{flag(key)} must be at least 1, got {v}")

@@ -1,0 +1,415 @@
+"""Classifier guidance, classifier-free guidance, temperature, label dropout and noisy classifiers.
+
+The guidance formulas are checked exactly (float64) with an analytic classifier,
+log p(y | x_t) = <G_y, x_t> + const, whose gradient is the constant G_y: ADM Algorithm 1 moves the
+DDPM mean by s·Σ·G_y, Algorithm 2 the DDIM ε by −s·sqrt(1 − ᾱ_t)·G_y, and in σ-space
+D moves by s·σ²·∇_x = s·σ²·G_y/sqrt(1 + σ²) (x_t = x/sqrt(1 + σ²)).
+"""
+import json
+import math
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+import gaussdiff
+from gaussdiff import samplers as S
+from gaussdiff.classifier import ClassifierObjective, ClassifierTrainer, load_classifier
+from gaussdiff.cli import main as cli_main
+from gaussdiff.denoisers import DiscreteDenoiser
+from gaussdiff.diffusion import make_diffusion
+from gaussdiff.errors import UsageError
+from gaussdiff.guidance import (ClassifierCondFn, ClassifierFree, ClassifierGuidedDenoiser,
+                                EpsTemperature, Guidance, eps_offset, table_sigma)
+from gaussdiff.nn.encoder import AttentionPool2d, EncoderConfig, EncoderUNetModel
+from gaussdiff.rng import per_sample_generators
+from gaussdiff.train import DEFAULTS, Trainer
+from guided_models import NUM_CLASSES, make_classifier_dir, make_model_dir
+
+F64 = torch.float64
+T = 60
+SHAPE = (3, 2, 4, 4)
+G = torch.randn((NUM_CLASSES,) + SHAPE[1:], generator=torch.Generator().manual_seed(7), dtype=F64)
+Y = torch.tensor([0, 2, 1])
+
+
+def log_prob(x_t, t, y):
+    """The analytic classifier: log p(y | x_t) = <G_y, x_t> + const, so ∇_{x_t} = G_y."""
+    return (G[y] * x_t).flatten(1).sum(1)
+
+
+def sigma_log_prob(x, sigma, y):
+    """The same classifier in σ-space: it sees x_t = x/sqrt(1 + σ²)."""
+    return log_prob(x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt(), None, y)
+
+
+def toy_model(learns_variance=False):
+    """A smooth network F(x_t, t, y), row by row; 2C channels for a learned variance."""
+    def F(x, t, y=None, **unused):
+        out = 0.9 * torch.tanh(0.8 * x + 0.005 * t.to(x.dtype).reshape(-1, 1, 1, 1))
+        if y is not None:
+            out = out + 0.1 * y.to(x.dtype).reshape(-1, 1, 1, 1)
+        return torch.cat([out, torch.tanh(0.5 * x)], 1) if learns_variance else out
+    return F
+
+
+def x_at(seed):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def gens():
+    return per_sample_generators([11, 12, 13])
+
+
+# ----------------------------------------------------------------------- classifier guidance
+@pytest.mark.parametrize("var_type", ["fixed_small", "learned_range"])
+@pytest.mark.parametrize("step", [0, 17])
+def test_ddpm_guidance_shifts_the_mean_by_s_sigma_g(var_type, step):
+    """ADM Algorithm 1: with cond_fn = s·∇log p = s·G_y, a DDPM step's sample moves by exactly
+    s·Σ·G_y (same noise), Σ the step's (learned or fixed) variance; at t = 0 too."""
+    diffusion = make_diffusion("linear", T, "eps", var_type)
+    F, x, t, s, kw = toy_model(diffusion.learns_variance), x_at(0), torch.full((3,), step), 2.5, {"y": Y}
+    plain = diffusion.p_sample(F, x, t, model_kwargs=kw, generator=gens())["sample"]
+    guided = diffusion.p_sample(F, x, t, model_kwargs=kw, generator=gens(),
+                                cond_fn=ClassifierCondFn(log_prob, s))["sample"]
+    Sigma = diffusion.p_mean_variance(F, x, t, model_kwargs=kw)["variance"]
+    torch.testing.assert_close(guided - plain, s * Sigma * G[Y], rtol=1e-9, atol=1e-13)
+
+
+def test_ddpm_gradient_at_the_predicted_mean():
+    """cond_at_mean: the classifier gets the unguided mean μ of p(x_{t-1} | x_t) and the model
+    timestep of step t − 1 (respaced: the previous kept original index), not x_t and t."""
+    diffusion = make_diffusion("linear", T, "eps", "fixed_small", respacing="10")
+    seen = []
+
+    def spy(x, t, y):
+        seen.append((x.detach().clone(), t.clone()))
+        return log_prob(x, t, y)
+    F, x, t, kw = toy_model(), x_at(1), torch.full((3,), 4), {"y": Y}
+    mean = diffusion.p_mean_variance(F, x, t, model_kwargs=kw)["mean"]
+    diffusion.p_sample(F, x, t, model_kwargs=kw, cond_fn=ClassifierCondFn(spy, 1.0), cond_at_mean=True)
+    diffusion.p_sample(F, x, t, model_kwargs=kw, cond_fn=ClassifierCondFn(spy, 1.0))
+    (x_mean, t_mean), (x_t, t_t) = seen
+    assert torch.equal(x_mean, mean) and t_mean.tolist() == [diffusion.timestep_map[3]] * 3
+    assert torch.equal(x_t, x) and t_t.tolist() == [diffusion.timestep_map[4]] * 3
+
+
+def test_ddim_guidance_shifts_eps_by_minus_s_sqrt_one_minus_abar_g():
+    """ADM Algorithm 2 (eq. 60): ε̂ = ε − s·sqrt(1 − ᾱ_t)·G_y, and the DDIM step uses ε̂:
+    x_{t-1} = sqrt(ᾱ_{t-1})·(x_t − sqrt(1 − ᾱ_t)·ε̂)/sqrt(ᾱ_t) + sqrt(1 − ᾱ_{t-1})·ε̂."""
+    diffusion = make_diffusion("linear", T, "eps", "fixed_small", respacing="12")
+    F, x, s, k, kw = toy_model(), x_at(2), 1.5, 7, {"y": Y}
+    t, cond_fn = torch.full((3,), k), ClassifierCondFn(log_prob, s)
+    out = diffusion.p_mean_variance(F, x, t, clip_denoised=False, model_kwargs=kw)
+    guided = diffusion.condition_score(cond_fn, out, x, t, kw)
+    eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
+    eps_hat = diffusion.predict_eps_from_xstart(x, t, guided["pred_xstart"])
+    a, a_prev = diffusion.alphas_cumprod[k], diffusion.alphas_cumprod_prev[k]
+    torch.testing.assert_close(eps_hat - eps, -s * math.sqrt(1 - a) * G[Y], rtol=1e-9, atol=1e-12)
+    step = diffusion.ddim_sample(F, x, t, clip_denoised=False, model_kwargs=kw, cond_fn=cond_fn)
+    eps_hat = F(x, torch.full((3,), int(diffusion.timestep_map[k])), Y) - s * math.sqrt(1 - a) * G[Y]
+    x0_hat = (x - math.sqrt(1 - a) * eps_hat) / math.sqrt(a)
+    torch.testing.assert_close(step["sample"], math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev) * eps_hat,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_sigma_space_guidance_is_s_sigma2_grad_and_equals_discrete_ddim():
+    """σ-space: D̂ = D + s·σ²·∇_x log p(y | x/sqrt(1 + σ²)) = D + s·σ²·G_y/sqrt(1 + σ²); and
+    Euler (= DDIM) with D̂ on a respaced diffusion's levels gives the guided discrete DDIM loop's
+    sample: the σ-space formula is ADM eq. 60 at the matching scaling."""
+    full = make_diffusion("linear", T, "eps", "fixed_small")
+    respaced = make_diffusion("linear", T, "eps", "fixed_small", respacing="10")
+    F, s = toy_model(), 2.0
+    D = DiscreteDenoiser(F, full.alphas_cumprod, "eps", quantize=True)
+    guided = ClassifierGuidedDenoiser(D, sigma_log_prob, s)
+    x, sigma = x_at(3), torch.full((3,), 1.7, dtype=F64)
+    torch.testing.assert_close(guided(x, sigma, y=Y) - D(x, sigma, y=Y),
+                               s * 1.7 ** 2 * G[Y] / math.sqrt(1 + 1.7 ** 2), rtol=1e-9, atol=1e-12)
+    z = x_at(4)
+    ref = respaced.ddim_sample_loop(F, z.shape, noise=z, clip_denoised=False, model_kwargs={"y": Y},
+                                    cond_fn=ClassifierCondFn(log_prob, s))
+    levels = D.sigmas[respaced.timestep_map].flip(0)
+    sigmas = torch.cat([levels, torch.zeros(1, dtype=F64)])
+    out = S.euler(guided, z * (1 + levels[0] ** 2).sqrt(), sigmas, model_kwargs={"y": Y})
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+
+
+def test_scale_zero_reproduces_unguided_samples_bit_for_bit():
+    """Classifier guidance at s = 0 changes no bit, though the classifier runs: ddpm (μ + Σ·0),
+    ddim with η > 0 (x̂_0 shifted by 0) and a stochastic σ-space sampler (D + σ²·0)."""
+    diffusion = make_diffusion("linear", T, "eps", "learned_range", respacing="8")
+    F, z, kw, zero = toy_model(True), x_at(5), {"y": Y}, ClassifierCondFn(log_prob, 0.0)
+    for loop in (diffusion.p_sample_loop, partial(diffusion.ddim_sample_loop, eta=0.5)):
+        plain = loop(F, z.shape, noise=z, model_kwargs=kw, generator=gens())
+        assert torch.equal(plain, loop(F, z.shape, noise=z, model_kwargs=kw, generator=gens(), cond_fn=zero))
+    D = DiscreteDenoiser(F, make_diffusion("linear", T).alphas_cumprod)
+    sigmas = [10.0, 3.0, 1.0, 0.3, 0.05, 0.0]
+    plain = S.euler_ancestral(D, z * 10, sigmas, generator=gens(), model_kwargs=kw)
+    guided = S.euler_ancestral(ClassifierGuidedDenoiser(D, sigma_log_prob, 0.0), z * 10, sigmas,
+                               generator=gens(), model_kwargs=kw)
+    assert torch.equal(plain, guided)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guided")
+    return dict(cond=make_model_dir(root / "cond", null_class=True),
+                plain=make_model_dir(root / "plain"),
+                uncond=make_model_dir(root / "uncond", num_classes=None),
+                cls=make_classifier_dir(root / "cls"))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "heun"])
+def test_pipeline_guidance_at_scale_zero_and_cfg_one_change_nothing(dirs, sampler):
+    """Pipeline.sample with a noisy classifier at s = 0, or classifier-free guidance at w = 1,
+    gives the unguided images and labels bit for bit; s = 200 and w = 3 change them. An
+    unconditional model guided by the classifier samples the classifier's labels."""
+    pipe, cls = gaussdiff.load(dirs["cond"], device="cpu"), load_classifier(dirs["cls"], device="cpu")
+    kw = dict(num=3, sampler=sampler, steps=4, seed=5, progress=False)
+    ref, y = pipe.sample(**kw)
+    for guidance in (Guidance(cls, 0.0), Guidance(cfg_scale=1.0)):
+        images, labels = pipe.sample(**kw, guidance=guidance)
+        np.testing.assert_array_equal(images, ref)
+        np.testing.assert_array_equal(labels, y)
+    for guidance in (Guidance(cls, 200.0), Guidance(cfg_scale=3.0)):
+        assert not np.array_equal(pipe.sample(**kw, guidance=guidance)[0], ref)
+    uncond = gaussdiff.load(dirs["uncond"], device="cpu")
+    images, labels = uncond.sample(**kw, guidance=Guidance(cls, 1.0))
+    assert images.shape == (3, 8, 8, 1) and labels.shape == (3,) and labels.max() < NUM_CLASSES
+
+
+# ----------------------------------------------------------------------- classifier-free
+def test_cfg_identities(dirs):
+    """D_w = D_u + w·(D_c − D_u): w = 1 is the conditional network and w = 0 the unconditional
+    one (the null label), bit for bit; w = 2.5 mixes the ε channels (one batch of 2B) and keeps
+    the conditional variance; outside the σ interval the output is the conditional one. The
+    same for a denoiser. A model without a null label refuses classifier-free guidance."""
+    pipe = gaussdiff.load(dirs["cond"], device="cpu")
+    F, null = pipe.model, NUM_CLASSES
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([5, 50, 90]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        c, u = F(x, t, y=y), F(x, t, y=torch.full_like(y, null))
+        assert torch.equal(ClassifierFree(F, 1.0, null)(x, t, y=y), c)
+        assert torch.equal(ClassifierFree(F, 0.0, null)(x, t, y=y), u)
+        w = ClassifierFree(F, 2.5, null)(x, t, y=y)
+        torch.testing.assert_close(w[:, :1], u[:, :1] + 2.5 * (c[:, :1] - u[:, :1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w[:, 1:], c[:, 1:], rtol=1e-5, atol=1e-5)
+        sigma_of = table_sigma(pipe.diffusion.alphas_cumprod)
+        s50 = float(sigma_of(t)[1])
+        inside = ClassifierFree(F, 2.5, null, (0.99 * s50, 1.01 * s50), sigma_of)(x, t, y=y)
+        torch.testing.assert_close(inside[[0, 2]], c[[0, 2]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(inside[1], w[1], rtol=1e-5, atol=1e-5)
+        D = DiscreteDenoiser(F, pipe.diffusion.alphas_cumprod)
+        xs, sigma = 2 * x.double(), torch.full((3,), 0.8, dtype=F64)
+        assert torch.equal(ClassifierFree(D, 1.0, null)(xs, sigma, y=y), D(xs, sigma, y=y))
+        assert torch.equal(ClassifierFree(D, 0.0, null)(xs, sigma, y=y), D(xs, sigma, y=torch.full_like(y, null)))
+    with pytest.raises(UsageError, match="label-dropout"):
+        gaussdiff.load(dirs["plain"], device="cpu").sample(1, guidance=Guidance(cfg_scale=2.0), progress=False)
+
+
+# ----------------------------------------------------------------------- temperature
+def test_temperature_noise_scales_the_added_noise(dirs):
+    """Temperature mode noise (ADM section I): a DDPM step's sample − mean is τ times the τ = 1
+    one (same draw), and so is DDIM's noise at η > 0; for σ-space samplers it is S_noise = τ;
+    samplers that add no noise refuse it."""
+    diffusion = make_diffusion("linear", T, "eps", "fixed_small", respacing="10")
+    F, x, t, kw, tau = toy_model(), x_at(6), torch.full((3,), 6), {"y": Y}, 0.7
+    mean = diffusion.p_mean_variance(F, x, t, model_kwargs=kw)["mean"]
+    one = diffusion.p_sample(F, x, t, model_kwargs=kw, generator=gens())["sample"]
+    cold = diffusion.p_sample(F, x, t, model_kwargs=kw, generator=gens(), noise_scale=tau)["sample"]
+    torch.testing.assert_close(cold - mean, tau * (one - mean), rtol=1e-9, atol=1e-13)
+    step = partial(diffusion.ddim_sample, F, x, t, model_kwargs=kw, eta=0.6)
+    det = step(generator=gens(), noise_scale=0.0)["sample"]
+    torch.testing.assert_close(step(generator=gens(), noise_scale=tau)["sample"] - det,
+                               tau * (step(generator=gens())["sample"] - det), rtol=1e-9, atol=1e-13)
+    pipe = gaussdiff.load(dirs["cond"], device="cpu")
+    kw = dict(num=2, steps=3, seed=1, progress=False)
+    a, _ = pipe.sample(sampler="euler_ancestral", guidance=Guidance(temperature=tau), **kw)
+    np.testing.assert_array_equal(a, pipe.sample(sampler="euler_ancestral", snoise=tau, **kw)[0])
+    pipe.sample(sampler="ddim", eta=0.5, guidance=Guidance(temperature=tau), **kw)
+    for sampler in ("ddim", "dpmpp_2m", "heun"):
+        with pytest.raises(UsageError, match="temperature"):
+            pipe.sample(sampler=sampler, guidance=Guidance(temperature=tau), **kw)
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_temperature_eps_divides_eps(mean_type):
+    """Temperature mode eps: whatever the network predicts (ε, x0 or v; out' = A·x_t + (out −
+    A·x_t)/τ), the ε it implies becomes ε/τ; for a denoiser, (x − D̂)/σ = (x − D)/(σ·τ)."""
+    diffusion = make_diffusion("linear", T, mean_type, "fixed_small")
+    F, x, t, tau = toy_model(), x_at(7), torch.tensor([3, 30, 59]), 0.8
+    wrapped = EpsTemperature(F, tau, eps_offset(diffusion.alphas_cumprod, mean_type))
+
+    def eps_of(model):
+        out = diffusion.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs={"y": Y})
+        return diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
+    torch.testing.assert_close(eps_of(wrapped), eps_of(F) / tau, rtol=1e-9, atol=1e-12)
+    D, sigma = DiscreteDenoiser(F, diffusion.alphas_cumprod, mean_type), torch.tensor([0.3, 2.0, 9.0], dtype=F64)
+    xs, s = 3 * x, sigma.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close((xs - EpsTemperature(D, tau)(xs, sigma, y=Y)) / s,
+                               (xs - D(xs, sigma, y=Y)) / (s * tau), rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------- training
+def _labelled_npz(path, n=48, size=8, classes=NUM_CLASSES, seed=0):
+    """Images whose pixels all equal 40 + 80·label (so a batch's labels can be read back)."""
+    labels = np.random.default_rng(seed).integers(0, classes, n)
+    images = np.broadcast_to((40 + 80 * labels)[:, None, None, None], (n, size, size, 1)).astype(np.uint8)
+    np.savez(path, images.copy(), labels)
+    return str(path)
+
+
+TINY = dict(model_channels=32, channel_mult="1", num_res_blocks=1, attention_resolutions="0",
+            diffusion_steps=100, batch_size=16, sample_every=0, log_every=1, ema="0.9")
+
+
+def test_label_dropout_trains_a_null_label(tmp_path):
+    """--label-dropout P: the label embedding gets a row for the null label num_classes (config
+    model.null_class), and each label of a batch is the data's, or with probability P the null
+    label. Without --class-cond it is an error."""
+    data = _labelled_npz(tmp_path / "d.npz")
+    opts = dict(DEFAULTS, data=data, class_cond=True, label_dropout=0.3, steps=1, **TINY)
+    trainer = Trainer(opts, str(tmp_path / "run"), device="cpu", progress=False)
+    assert trainer.model.label_emb.num_embeddings == NUM_CLASSES + 1
+    assert trainer.config["model"]["null_class"] is True
+    dropped = kept = 0
+    for _ in range(40):
+        x, kw = trainer.next_batch()
+        truth = ((x[:, 0, 0, 0] + 1) * 127.5 - 40).round().long() // 80
+        null = kw["y"] == NUM_CLASSES
+        assert torch.equal(kw["y"][~null], truth[~null])
+        dropped, kept = dropped + int(null.sum()), kept + int((~null).sum())
+    assert 0.22 < dropped / (dropped + kept) < 0.38
+    with pytest.raises(UsageError, match="class-cond"):
+        Trainer(dict(opts, class_cond=False), str(tmp_path / "bad"), device="cpu", progress=False)
+
+
+def test_classifier_objective_is_cross_entropy_on_noised_images():
+    """The classifier's loss is the cross-entropy of classifier(q_sample(x_0, t, noise), t) and
+    its accuracy (argmax == y), per sample."""
+    diffusion = make_diffusion("linear", T)
+    x0, t, noise = x_at(8), torch.tensor([0, 20, 59]), x_at(9)
+    seen = {}
+
+    def model(x_t, t):
+        seen.update(x_t=x_t, t=t)
+        return torch.stack([x_t.mean((1, 2, 3)), -x_t.mean((1, 2, 3)), torch.zeros(3, dtype=F64)], 1)
+    out = ClassifierObjective(diffusion).training_losses(model, x0, t, noise, {"y": Y})
+    assert torch.equal(seen["x_t"], diffusion.q_sample(x0, t, noise)) and torch.equal(seen["t"], t)
+    logits = model(seen["x_t"], t).float()
+    torch.testing.assert_close(out["loss"], torch.nn.functional.cross_entropy(logits, Y, reduction="none"))
+    assert out["acc"].tolist() == (logits.argmax(1) == Y).float().tolist()
+
+
+CLS_TINY = dict(TINY, channel_mult="1", attention_resolutions="8", num_head_channels=32, ema="0.9,0.99")
+
+
+def test_classifier_training_logs_accuracy_by_noise_range(tmp_path):
+    """train-classifier's log.jsonl has loss and accuracy overall and by quarter of the process:
+    acc_q<q> is the mean accuracy of the step's rows with t in [qT/4, (q+1)T/4), recomputed here
+    from the objective's own outputs. The directory loads as a classifier, not as a model."""
+    data, out = _labelled_npz(tmp_path / "d.npz"), str(tmp_path / "cls")
+    trainer = ClassifierTrainer(dict(data=data, steps=3, save_every=3, **CLS_TINY), out,
+                                device="cpu", progress=False)
+    records, objective = [], trainer.diffusion.training_losses
+
+    def spy(*args, **kwargs):
+        result = objective(*args, **kwargs)
+        records.append((args[2].clone(), result))
+        return result
+    trainer.diffusion.training_losses = spy
+    trainer.run()
+    log = [json.loads(line) for line in open(f"{out}/log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3] and len(records) == 3
+    for rec, (t, result) in zip(log, records):
+        assert rec["acc"] == pytest.approx(float(result["acc"].mean()))
+        assert rec["loss"] == pytest.approx(float(result["loss"].detach().mean()))
+        for q in range(4):
+            sel = (t * 4 // 100) == q
+            if sel.any():
+                assert rec[f"acc_q{q}"] == pytest.approx(float(result["acc"][sel].mean()))
+                assert 0 <= rec[f"acc_q{q}"] <= 1
+            else:
+                assert f"acc_q{q}" not in rec
+    assert json.load(open(f"{out}/config.json"))["kind"] == "classifier"
+    cls = load_classifier(out, device="cpu")
+    assert cls.num_classes == NUM_CLASSES
+    with pytest.raises(UsageError, match="classifier"):
+        gaussdiff.load(out, device="cpu")
+
+
+def test_train_classifier_resume_is_bit_exact(tmp_path):
+    """4 classifier steps in one go, or 2 and then --resume to 4 in a new trainer, write
+    byte-identical weights, EMA and optimizer/RNG state (timesteps, noise, data order)."""
+    data = _labelled_npz(tmp_path / "d.npz")
+    opts = dict(data=data, save_every=2, flip=True, **CLS_TINY)
+    ClassifierTrainer(dict(opts, steps=4), str(tmp_path / "full"), device="cpu", progress=False).run()
+    ClassifierTrainer(dict(opts, steps=2), str(tmp_path / "split"), device="cpu", progress=False).run()
+    ClassifierTrainer(dict(opts, steps=4), str(tmp_path / "split"), resume=True, device="cpu",
+                      progress=False).run()
+    for name in ("model.safetensors", "ema_0.9.safetensors", "ema_0.99.safetensors", "state.safetensors"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "split" / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------- the encoder
+def test_attention_pool_matches_guided_diffusion():
+    """AttentionPool2d is guided-diffusion's: the mean token prepended, the positional embedding
+    added, QKVAttention in the "new" order (q, k, v thirds, each split into heads, q and k
+    scaled by ch^(-1/4)), c_proj, token 0; the encoder's parameter names are guided-diffusion's."""
+    torch.manual_seed(0)
+    pool = AttentionPool2d(4, 16, 2, 5)
+    x = torch.randn(3, 16, 4, 4)
+    h = x.reshape(3, 16, -1)
+    h = torch.cat([h.mean(-1, keepdim=True), h], -1) + pool.positional_embedding[None]
+    qkv = pool.qkv_proj(h)
+    bs, width, length = qkv.shape
+    ch, heads = width // (3 * 2), 2
+    q, k, v = qkv.chunk(3, dim=1)
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    weight = torch.einsum("bct,bcs->bts", (q * scale).reshape(bs * heads, ch, length),
+                          (k * scale).reshape(bs * heads, ch, length)).softmax(-1)
+    a = torch.einsum("bts,bcs->bct", weight, v.reshape(bs * heads, ch, length)).reshape(bs, -1, length)
+    torch.testing.assert_close(pool(x), pool.c_proj(a)[:, :, 0], rtol=1e-5, atol=1e-6)
+    enc = EncoderUNetModel(EncoderConfig(image_size=8, in_channels=1, model_channels=16, out_channels=3,
+                                         channel_mult=(1, 2), attention_resolutions=(4,),
+                                         num_head_channels=8, norm_groups=8, resblock_updown=True))
+    names = dict((k, tuple(v.shape)) for k, v in enc.state_dict().items())
+    assert names["out.2.positional_embedding"] == (32, 4 * 4 + 1)
+    assert names["out.2.qkv_proj.weight"] == (96, 32, 1) and names["out.2.c_proj.weight"] == (3, 32, 1)
+    assert "input_blocks.2.0.in_layers.2.weight" in names and "middle_block.1.qkv.weight" in names
+    assert enc(torch.randn(2, 1, 8, 8), torch.tensor([0, 99])).shape == (2, 3)
+
+
+# ----------------------------------------------------------------------- CLI
+def test_cli_train_classifier_and_guided_sampling(dirs, tmp_path, capsys):
+    """train-classifier makes a classifier directory; sample takes --classifier,
+    --classifier-scale, --classifier-grad-at, --cfg-scale, --cfg-interval, --temperature and
+    --temperature-mode; misuse is a one-line error with exit status 2."""
+    data, cls, out = _labelled_npz(tmp_path / "d.npz"), str(tmp_path / "cls"), str(tmp_path / "s.npz")
+    assert cli_main(["train-classifier", "--data", data, "--out", cls, "--steps", "2",
+                     "--batch-size", "8", "--model-channels", "32", "--channel-mult", "1",
+                     "--attention-resolutions", "8", "--num-head-channels", "32",
+                     "--diffusion-steps", "100", "--log-every", "1", "--device", "cpu",
+                     "--no-progress"]) == 0
+    assert "acc_q0" in open(f"{cls}/log.jsonl").read()
+    base = ["sample", dirs["cond"], "--num", "2", "--steps", "3", "--out", out, "--device", "cpu",
+            "--no-progress"]
+    assert cli_main(base + ["--sampler", "ddpm", "--classifier", cls, "--classifier-scale", "2",
+                            "--classifier-grad-at", "mean", "--cfg-scale", "2",
+                            "--cfg-interval", "0.5,50", "--temperature", "0.9"]) == 0
+    assert np.load(out)["arr_0"].shape == (2, 8, 8, 1)
+    assert cli_main(base + ["--sampler", "heun", "--classifier", cls, "--temperature", "0.9",
+                            "--temperature-mode", "eps", "--label", "1"]) == 0
+    assert np.load(out)["arr_1"].tolist() == [1, 1]
+    capsys.readouterr()
+    for bad, word in ((["--classifier-scale", "2"], "--classifier"),
+                      (["--sampler", "ddim", "--temperature", "0.5"], "temperature"),
+                      (["--cfg-interval", "1,2"], "--cfg-scale"),
+                      (["--classifier", dirs["cond"]], "classifier")):
+        assert cli_main(base + bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], err
+    assert cli_main(["sample", dirs["plain"], "--cfg-scale", "2", "--out", out, "--device", "cpu"]) == 2
+    assert "label-dropout" in capsys.readouterr().err
