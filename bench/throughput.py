@@ -24,8 +24,9 @@ Configurations: fashion-small (the bundled Fashion-MNIST model: 28x28x1, 32 chan
 1 block, attention at 14 and 7) and iddpm-cifar10 (Improved DDPM's CIFAR-10 network: 32x32x3,
 128 channels, 1,2,2,2, 3 blocks, attention at 16 and 8 with 4 heads, L_hybrid).
 
-Benchmark on an idle machine: timings swing several-fold when another process loads the cores.
-Variants run round-robin, `--repeats` rounds after a warm-up, and each figure is the best round.
+Benchmark on an idle machine: timings swing several-fold when another process loads the cores;
+"other_processes_cpu_fraction" (the share of the cores' time other processes used while the
+timings ran) says whether it was idle. Variants run round-robin, `--repeats` rounds after a warm-up, and each figure is the best round.
 """
 import argparse
 import ctypes
@@ -83,6 +84,28 @@ def _trim():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+class OtherLoad:
+    """CPU time used by OTHER processes while a block runs, as a fraction of all cores' time:
+    near 0 when the machine was idle apart from this benchmark (Linux /proc/stat)."""
+
+    @staticmethod
+    def _busy_seconds():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
+
+    def __enter__(self):
+        r = os.times()
+        self.t0, self.own0, self.busy0 = time.perf_counter(), r.user + r.system, self._busy_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        r = os.times()
+        wall = time.perf_counter() - self.t0
+        others = (self._busy_seconds() - self.busy0) - (r.user + r.system - self.own0)
+        self.fraction = max(0.0, others / (wall * os.cpu_count()))
 
 
 def reset_peak_rss():
@@ -241,10 +264,12 @@ def bench_config(name, args, peak):
         result["variants"][v] = {"peak_rss_mb": rss_mb("VmHWM"), "rss_before_mb": before}
         cases[v] = case
     best = {v: {"forward": float("inf"), "train": float("inf")} for v in variants}
-    for _ in range(args.repeats):   # round-robin: every variant sees the same machine state
-        for v, case in cases.items():
-            best[v]["forward"] = min(best[v]["forward"], timed(case.forward))
-            best[v]["train"] = min(best[v]["train"], timed(case.train_step))
+    with OtherLoad() as load:
+        for _ in range(args.repeats):   # round-robin: every variant sees the same machine state
+            for v, case in cases.items():
+                best[v]["forward"] = min(best[v]["forward"], timed(case.forward))
+                best[v]["train"] = min(best[v]["train"], timed(case.train_step))
+    result["other_processes_cpu_fraction"] = load.fraction
     for v in variants:
         tf, tt = best[v]["forward"], best[v]["train"]
         r = result["variants"][v]
