@@ -94,6 +94,8 @@ def main():
                             "inference_mode_s": forward_mode_seconds(pipe, batch, "inference_mode", args.repeats)},
            "samplers": {}}
     batches = -(-args.num // batch)
+    from throughput import OtherLoad
+    load = OtherLoad().__enter__()
     for name in args.samplers.split(","):
         steps = steps_for(name, args.nfe)
         best, stats = float("inf"), {}
@@ -105,6 +107,8 @@ def main():
         out["samplers"][name] = {"steps": steps, "nfe": stats["nfe"], "seconds": best,
                                  "images_per_s": args.num / best,
                                  "overhead_fraction": max(0.0, 1 - network / best)}
+    load.__exit__()
+    out["other_processes_cpu_fraction"] = load.fraction   # near 0: the machine was idle
     rates = {}
     out["batch_size_auto"] = {"chosen": autotune_batch_size(pipe, args.num, report=rates),
                               "images_per_s_per_eval": rates}

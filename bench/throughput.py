@@ -17,7 +17,8 @@ network and input in NHWC memory format), "reference" (bench/reference_unet.py: 
 softmax(QK^T)V by hand, no fusion), "bf16" (gaussdiff under bfloat16 autocast, as
 `train --precision bf16 --force-precision`), "fused_norm" (every ResBlock's GroupNorm, AdaGN
 and SiLU as one kernel compiled by torch.compile; compile time included in nothing, the first
-call excluded as a warm-up) -- these two are not in the default list -- and with --compile
+call excluded as a warm-up), "grad_checkpoint" (as `train --grad-checkpoint`: less memory, more
+compute) -- these three are not in the default list -- and with --compile
 "compile" (torch.compile of the gaussdiff network; compile time and break-even reported).
 
 Configurations: fashion-small (the bundled Fashion-MNIST model: 28x28x1, 32 channels, 1,2,2,
@@ -228,6 +229,8 @@ def bench_config(name, args, peak):
         m.load_state_dict(state)
         if variant == "fused_norm":
             fuse_norm_silu(m)
+        if variant == "grad_checkpoint":
+            m.set_grad_checkpointing(True)
         return Case(variant, m, cfg, diffusion, args.batch, channels_last=variant == "channels_last",
                     compile=variant == "compile", precision="bf16" if variant == "bf16" else "fp32")
 
@@ -318,7 +321,8 @@ def main():
     ap.add_argument("--configs", default="fashion-small,iddpm-cifar10",
                     help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--variants", default="gaussdiff,channels_last,reference",
-                    help="comma-separated, of gaussdiff, channels_last, reference, bf16, fused_norm")
+                    help="comma-separated, of gaussdiff, channels_last, reference, bf16, "
+                         "fused_norm, grad_checkpoint")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile variant (slow to start)")
     ap.add_argument("--profile", action="store_true", help="add a per-op profile of the training step")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")

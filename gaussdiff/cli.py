@@ -117,9 +117,10 @@ def add_train_parser(sub):
     g.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
                    help="fp16: autocast with ADM's dynamic loss scaling (2^20, halved on overflow, "
                         "the step skipped); bf16: autocast. Weights, optimizer and EMA stay fp32. "
-                        "On a CPU half precision falls back to fp32 unless --force-precision")
+                        "On a CPU without instructions for it, half precision falls back to fp32 "
+                        "unless --force-precision")
     g.add_argument("--force-precision", action="store_true", default=None,
-                   help="use --precision fp16/bf16 even on a CPU (slow there)")
+                   help="use --precision fp16/bf16 even on a CPU that would emulate it (slow)")
     g.add_argument("--microbatch", type=int, metavar="M",
                    help="run the batch in chunks of M rows, accumulating gradients (same step as "
                         "the whole batch; 0: off)")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from gaussdiff import amp
 from gaussdiff.amp import DynamicLossScaler, make_scaler, resolve_precision
 from gaussdiff.train import DEFAULTS, Trainer
 
@@ -76,14 +77,18 @@ def test_loss_scaler_state_round_trip():
     assert make_scaler("fp32").state_tensors() == {} and make_scaler("bf16").scale == 1.0
 
 
-def test_half_precision_on_cpu_warns_and_uses_fp32(capsys):
-    """On a CPU fp16/bf16 fall back to fp32 with one warning line on stderr, unless forced."""
+def test_half_precision_on_cpu_without_support_warns_and_uses_fp32(capsys, monkeypatch):
+    """On a CPU without fp16/bf16 instructions, asking for them gives fp32 and one warning line
+    on stderr, unless forced; a CPU that has them keeps them, silently."""
+    monkeypatch.setattr(amp, "cpu_supports", lambda precision: precision == "fp32")
     assert resolve_precision("fp16", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "fp32"
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("warning" in e and "--force-precision" in e for e in err)
     assert resolve_precision("bf16", torch.device("cpu"), force=True) == "bf16"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(amp, "cpu_supports", lambda precision: True)
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     assert capsys.readouterr().err == ""
 
 
@@ -174,7 +179,8 @@ def test_fp16_overflow_step_is_skipped(data, tmp_path):
     assert max((params(tr)[k] - before[k]).abs().max() for k in before) > 0
 
 
-def test_half_precision_request_on_cpu_trains_in_fp32(data, tmp_path, capsys):
+def test_unsupported_half_precision_on_cpu_trains_in_fp32(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(amp, "cpu_supports", lambda precision: precision == "fp32")
     tr = make_trainer(data, tmp_path / "warn", precision="bf16")
     assert "training in fp32" in capsys.readouterr().err
     assert tr.precision == "fp32" and tr.train_net is tr.model
