@@ -112,6 +112,20 @@ def add_train_parser(sub):
                                                     "for σ-space objectives)")
     g.add_argument("--sample-num", type=int)
     g.add_argument("--log-every", type=int)
+    g = p.add_argument_group("sample quality during training (log.jsonl: eval_<metric>, eval_nfe, "
+                             "eval_seconds; kept by --resume)")
+    g.add_argument("--eval-every", type=int, metavar="N",
+                   help="every N steps and at the end, score samples of the first EMA weights "
+                        "against training images (0: never, the default)")
+    g.add_argument("--eval-samples", type=int, metavar="M",
+                   help="samples per evaluation, from fixed seeds; also the number of training "
+                        "images they are compared with (256)")
+    g.add_argument("--eval-sampler", metavar="SAMPLER[:STEPS]",
+                   help="heun:18 for σ-space objectives, ddim:50 (at most T) otherwise")
+    g.add_argument("--eval-metric", choices=("fd", "fid"),
+                   help="fd (with --eval-feature-net, the default then) or fid (Inception, slow on a CPU)")
+    g.add_argument("--eval-feature-net", metavar="DIR", help="feature classifier for fd "
+                                                             "(gaussdiff train-feature-net)")
     g = p.add_argument_group("performance and memory (docs/performance.md); under torchrun "
                              "--batch-size is the global batch")
     g.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
@@ -143,6 +157,9 @@ def cmd_train(args):
         opts.update(get_preset(args.preset))
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     opts.update(given)
+    if args.resume:   # the run's --eval-* options, unless given again
+        from .train_eval import inherit_eval_options
+        inherit_eval_options(opts, given, args.out)
     dist, device = setup(args.device)   # torchrun: a process group; else one process
     try:
         trainer = Trainer(opts, args.out, resume=args.resume, device=device,
@@ -160,6 +177,8 @@ def add_sample_parser(sub):
     p = sub.add_parser("sample", help="draw images from a model directory")
     a = p.add_argument
     a("model", nargs="?", help="model or run directory (config.json + *.safetensors)")
+    from .ensemble import ENSEMBLE_HELP
+    a("--ensemble", metavar="MODEL_A:MODEL_B:K", help=ENSEMBLE_HELP)
     a("--cascade", nargs=2, metavar=("BASE_DIR", "UPSAMPLER_DIR"),
       help="instead of MODEL: sample the base model, then refine its images with the upsampler "
            "(gaussdiff train --task upsample); guidance applies to the base model; --grid also "
@@ -224,8 +243,9 @@ def cmd_sample(args):
         raise UsageError(f"--sampler {args.sampler}: unknown sampler, choose one of {', '.join(SAMPLER_NAMES)}")
     if not args.out and not args.grid:
         raise UsageError("give --out SAMPLES.npz and/or --grid GRID.png")
-    if (args.model is None) == (args.cascade is None):
-        raise UsageError("give a MODEL directory or --cascade BASE_DIR UPSAMPLER_DIR (one of them)")
+    if [args.model, args.cascade, args.ensemble].count(None) != 2:
+        raise UsageError("give a MODEL directory, --ensemble MODEL_A:MODEL_B:K or --cascade "
+                         "BASE_DIR UPSAMPLER_DIR (one of them)")
     for path in (args.out, args.grid):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"{path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
@@ -237,7 +257,6 @@ def cmd_sample(args):
 
 
 def _sample(args, dist, device):
-    import gaussdiff
     import torch
     from .distributed import all_gather_cat, shard
     from .cli_tools import guidance_from_args, sample_cascade
@@ -247,7 +266,9 @@ def _sample(args, dist, device):
         if dist.enabled:
             raise UsageError("--cascade runs in one process (not under torchrun)")
         return sample_cascade(args, device, guidance)
-    pipe = gaussdiff.load(args.model, device=device, ema=None if args.ema == "raw" else args.ema)
+    from .ensemble import load_model_or_ensemble
+    pipe = load_model_or_ensemble(args.model, args.ensemble, device=device,
+                                  ema=None if args.ema == "raw" else args.ema)
     if args.channels_last:
         pipe.model.to(memory_format=torch.channels_last)
     steps = int(args.steps) if args.steps.isdigit() else args.steps

@@ -1,4 +1,4 @@
-"""Metric subcommands of the `gaussdiff` CLI: eval, nll, train-feature-net."""
+"""Metric subcommands of the `gaussdiff` CLI: eval, nll, train-feature-net, sweep (sweep.py)."""
 from __future__ import annotations
 
 import json
@@ -73,6 +73,16 @@ def add_eval_parser(sub):
 
 
 def cmd_eval(args):
+    """Under torchrun the ranks share the feature extraction; rank 0 writes the JSON."""
+    from .distributed import cleanup, setup
+    dist, device = setup(args.device)
+    try:
+        _eval(args, dist, device)
+    finally:
+        cleanup()
+
+
+def _eval(args, dist, device):
     from .metrics.evaluate import evaluate, parse_metrics
     metrics = parse_metrics(args.metrics)
     _check_out(args.out)
@@ -81,7 +91,7 @@ def cmd_eval(args):
     net = None
     if args.feature_net:
         from .metrics.classifier import load_feature_net
-        net = load_feature_net(args.feature_net, args.device)
+        net = load_feature_net(args.feature_net, device)
         net.path = os.path.abspath(args.feature_net)
     samples = _first(_load_images(args.samples, "train"), args.num, args.samples, "--num")
     reference = _load_images(args.ref, args.ref_split)
@@ -92,10 +102,11 @@ def cmd_eval(args):
                       space=args.space, feature_net=net, cache_dir=args.cache_dir,
                       batch_size=args.batch_size, kid_subset_size=args.kid_subset_size,
                       kid_subsets=args.kid_subsets, is_splits=args.is_splits, seed=args.seed,
-                      device=args.device, progress=not args.no_progress)
+                      device=device, progress=not args.no_progress)
     result = {"samples": os.path.abspath(args.samples), **result}
     result["reference"].update(spec=args.ref, split=args.ref_split)
-    _write_json(result, args.out)
+    if dist.is_main:
+        _write_json(result, args.out)
 
 
 # ------------------------------------------------------------------------------------- nll
@@ -103,43 +114,99 @@ def add_nll_parser(sub):
     p = sub.add_parser("nll", help="negative log-likelihood (the VLB) in bits/dim with its terms",
                        description="The variational bound L_prior + Σ L_t + L_0 in bits/dim on "
                                    "a dataset, with mean and standard error, optionally with "
-                                   "the diffusion respaced to K evaluation steps. Prints JSON.")
+                                   "the diffusion respaced to K evaluation steps; or with --ode "
+                                   "the probability-flow ODE's likelihood. Prints JSON.")
     a = p.add_argument
-    a("model", help="model or run directory (config.json + *.safetensors)")
+    a("model", nargs="?", help="model or run directory (config.json + *.safetensors); omit it "
+                               "with --ensemble")
+    from .ensemble import ENSEMBLE_HELP
+    a("--ensemble", metavar="MODEL_A:MODEL_B:K", help=ENSEMBLE_HELP)
     a("--data", default="fashion-mnist", help="dataset: fashion-mnist[:DIR], an .npz, an image folder")
     a("--split", default="test", choices=("train", "test"), help="split of a named dataset (test)")
     a("--num", type=int, help="evaluate the first N images (default: all)")
     a("--steps", help="evaluation steps: K (evenly respaced), ddimK or per-section counts "
-                      "(default: the model's own T)")
+                      "(default: the model's own T); with --ode: N Heun steps instead of RK45")
     a("--batch-size", type=int, default=16)
     a("--seed", type=int, default=0, help="image i's noise depends only on (seed, i)")
     a("--ema", default="auto", help="which weights: auto, raw, or an EMA rate like 0.9999")
     a("--out", help="also write the JSON to this file")
     a("--device")
     a("--no-progress", action="store_true")
+    g = p.add_argument_group(
+        "ODE likelihood (--ode)",
+        "The exact likelihood of the probability-flow ODE (Song et al. 2021), for σ-space and "
+        "discrete-time models: pixels k are dequantized to z = 2(k+u)/256 - 1, u ~ U(0,1), and "
+        "bpd = -log p(z)/(D ln 2) + 7. Integrated in log σ by RK45, or Heun with --steps.")
+    g.add_argument("--ode", action="store_true", help="the ODE likelihood instead of the VLB")
+    g.add_argument("--hutchinson-samples", type=int, metavar="K",
+                   help="Hutchinson probes per image for the divergence (1)")
+    g.add_argument("--probe", choices=("rademacher", "gaussian"), help="probe distribution (rademacher)")
+    g.add_argument("--exact-trace", action="store_true",
+                   help="exact divergence: one backward pass per dimension (tiny images only)")
+    g.add_argument("--rtol", type=float, help="RK45 relative tolerance (1e-5, Song et al.)")
+    g.add_argument("--atol", type=float, help="RK45 absolute tolerance (1e-5)")
+    g.add_argument("--sigma-min", type=float,
+                   help="σ the integration starts from: the data point is a sample of p_σmin "
+                        "(max(0.002, the model's smallest σ))")
+    g.add_argument("--sigma-max", type=float,
+                   help="σ of the prior N(0, σ² I) (the model's largest σ; 80 for EDM)")
     p.set_defaults(func=cmd_nll)
 
 
+def _nll_ode_options(args) -> dict:
+    """The evaluate_ode_nll options of `nll --ode`, checked before anything loads (without
+    --ode, an error if any ODE flag is given)."""
+    flags = dict(hutchinson_samples="--hutchinson-samples", probe="--probe", exact_trace="--exact-trace",
+                 rtol="--rtol", atol="--atol", sigma_min="--sigma-min", sigma_max="--sigma-max")
+    given = [flag for key, flag in flags.items() if getattr(args, key) not in (None, False)]
+    if not args.ode:
+        if given:
+            raise UsageError(f"{given[0]} applies only to the ODE likelihood: add --ode")
+        return {}
+    steps = args.steps
+    if steps is not None:
+        if not steps.isdigit() or int(steps) < 1:
+            raise UsageError(f"--steps {steps}: with --ode, give a positive number of Heun steps")
+        steps = int(steps)
+        if args.rtol is not None or args.atol is not None:
+            raise UsageError("--rtol and --atol apply to the RK45 solver, not to --steps (Heun)")
+    if args.exact_trace and (args.hutchinson_samples is not None or args.probe is not None):
+        raise UsageError("--exact-trace computes the divergence exactly: drop --hutchinson-samples and --probe")
+    return dict(steps=steps, rtol=1e-5 if args.rtol is None else args.rtol,
+                atol=1e-5 if args.atol is None else args.atol,
+                hutchinson_samples=1 if args.hutchinson_samples is None else args.hutchinson_samples,
+                probe=args.probe or "rademacher",
+                exact_trace=args.exact_trace, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+
+
 def cmd_nll(args):
-    import gaussdiff
     from .data import load_dataset
+    from .ensemble import load_model_or_ensemble
     from .metrics.likelihood import evaluate_nll
     _check_out(args.out)
-    pipe = gaussdiff.load(args.model, device=args.device, ema=None if args.ema == "raw" else args.ema)
+    ode = _nll_ode_options(args)
+    pipe = load_model_or_ensemble(args.model, args.ensemble, device=args.device,
+                                  ema=None if args.ema == "raw" else args.ema)
     C, H, _ = pipe.image_shape
     data = load_dataset(args.data, args.split, channels=C, image_size=H,
                         class_cond=pipe.num_classes is not None)
     images = _first(data.images, args.num, args.data, "--num")
     labels = None if data.labels is None else data.labels[:len(images)]
-    steps = args.steps
-    if steps is not None:
-        steps = int(steps) if steps.isdigit() else steps
-        if steps == 0:
-            raise UsageError("--steps must be positive")
-    result = evaluate_nll(pipe, images, labels, steps=steps, batch_size=args.batch_size,
-                          seed=args.seed, progress=not args.no_progress)
-    result = {"model": os.path.abspath(args.model), "data": args.data, "split": args.split,
-              "seed": args.seed, "steps": args.steps, **result}
+    if args.ode:
+        from .metrics.ode_likelihood import evaluate_ode_nll
+        result = evaluate_ode_nll(pipe, images, labels, batch_size=args.batch_size, seed=args.seed,
+                                  progress=not args.no_progress, **ode)
+    else:
+        steps = args.steps
+        if steps is not None:
+            steps = int(steps) if steps.isdigit() else steps
+            if steps == 0:
+                raise UsageError("--steps must be positive")
+        result = evaluate_nll(pipe, images, labels, steps=steps, batch_size=args.batch_size,
+                              seed=args.seed, progress=not args.no_progress)
+    which = {"model": os.path.abspath(args.model)} if args.model else {"ensemble": pipe.config["ensemble"]}
+    result = {**which, "data": args.data, "split": args.split, "seed": args.seed,
+              "steps": args.steps, "method": "ode" if args.ode else "vlb", **result}
     _write_json(result, args.out)
 
 
@@ -186,3 +253,5 @@ def add_metrics_parsers(sub):
     add_eval_parser(sub)
     add_nll_parser(sub)
     add_train_feature_net_parser(sub)
+    from .sweep import add_sweep_parser   # metric against NFE, per sampler
+    add_sweep_parser(sub)

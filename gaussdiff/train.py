@@ -55,7 +55,10 @@ DEFAULTS = dict(
     channels_last=False, compile=False,
     # crash safety (gaussdiff.checkpoint, gaussdiff.guard): checkpoint directories kept (0: all),
     # consecutive non-finite steps (skipped) before training stops (0: never)
-    keep=3, max_bad_steps=20)
+    keep=3, max_bad_steps=20,
+    # sample quality during training (gaussdiff.train_eval): every N steps (0: off), M samples;
+    # sampler None: heun:18 (σ-space) or ddim:50; metric None: fd with a feature net, else fid
+    eval_every=0, eval_samples=256, eval_sampler=None, eval_metric=None, eval_feature_net=None)
 
 
 def parse_floats(text, what: str) -> List[float]:
@@ -179,6 +182,9 @@ class Trainer:
         if not 0 <= o.get("augment", 0) <= 1:
             raise UsageError(f"--augment is a probability in [0, 1], got {o['augment']}")
         self.augment_pipe = AugmentPipe(o["augment"]) if o.get("augment") else None
+        from .train_eval import TrainingEval   # checks the --eval-* options before any write
+        self.evaluator = TrainingEval(o, self.diffusion.num_timesteps, sigma_space, self.device,
+                                      self.dist.world_size)
         # σ-space objectives ignore the diffusion options: F_θ has no variance output
         out_ch = o["channels"] * (2 if self.diffusion.learns_variance and not sigma_space else 1)
         self.model_config = self.network_config(o, out_ch)
@@ -402,19 +408,25 @@ class Trainer:
         return losses | ({"t": t} if t is not None else {})
 
     # ---------------------------------------------------------------- the loop
-    def write_samples(self):
-        from .images import save_grid
+    def ema_pipeline(self):
+        """A Pipeline of a copy of the network with the first EMA weights (σ-space: with its
+        denoiser), leaving the training network and RNG streams untouched."""
         from .modeldir import Pipeline
         with torch.random.fork_rng(devices=[]):   # keep the training RNG stream untouched
             ema_model = self.build_network().to(self.device)
         ema_model.load_state_dict(self.ema.shadows[self.ema_rates[0]])
+        denoiser = make_precond(self.config["precond"], ema_model).eval() if self.sigma_loss is not None else None
+        return Pipeline(ema_model, self.diffusion, self.config, self.out_dir, denoiser)
+
+    def write_samples(self):
+        from .images import save_grid
+        pipe = self.ema_pipeline()
         low_res = None   # upsampler: the first training images, downsampled
         if self.o.get("task") == "upsample":
             low_res = self.low_res_of(to_model_range(self.images[:self.o["sample_num"]])).to(self.device)
         if self.sigma_loss is not None:
-            images = self.sample_sigma_space(make_precond(self.config["precond"], ema_model), low_res)
+            images = self.sample_sigma_space(pipe.denoiser, low_res)
         else:
-            pipe = Pipeline(ema_model, self.diffusion, self.config)
             images, _ = pipe.sample(self.o["sample_num"], "ddim", self.o["sample_steps"], seed=0,
                                     progress=False, low_res=low_res)
         os.makedirs(os.path.join(self.out_dir, "samples"), exist_ok=True)
@@ -477,6 +489,12 @@ class Trainer:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 acc, t_start, n_images = {}, time.perf_counter(), 0
+            if self.evaluator.due(self.step, o["steps"]):   # before the checkpoint: a crash
+                rec = self.evaluator(self.ema_pipeline(), self.data.images, self.step, self.dist,
+                                     o["batch_size"], self.data.name)   # redoes it on --resume
+                if main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
             if main and (self.step % o["save_every"] == 0 or self.step == o["steps"]):
                 self.save_checkpoint()
             if main and o["sample_every"] and self.step % o["sample_every"] == 0:

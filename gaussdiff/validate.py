@@ -121,7 +121,8 @@ def check_config(cfg: dict, where: str):
 # option: (minimum, what the flag means when given below it)
 _MINIMUM = dict(steps=1, batch_size=1, save_every=1, log_every=1, sample_every=0, sample_num=1,
                 sample_steps=1, warmup=0, diffusion_steps=1, keep=0, max_bad_steps=0,
-                image_size=1, model_channels=1, num_res_blocks=1, seed=0)
+                image_size=1, model_channels=1, num_res_blocks=1, seed=0, eval_every=0,
+                eval_samples=2)
 
 
 def check_train_options(o: dict):

@@ -91,3 +91,24 @@ def test_distributed_sampling_equals_single_process(single, workdir):
     with np.load(workdir / "one.npz") as a, np.load(workdir / "two.npz") as b:
         assert a["arr_0"].shape == (7, 8, 8, 1)
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_distributed_eval_equals_single_process(workdir):
+    """torchrun eval: each rank extracts features of its share of the images; the gathered
+    features give the single-process metrics (fd, precision/recall in the net's space), and only
+    rank 0 prints the JSON."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 48)
+    images = rng.integers(0, 90, size=(48, 8, 8, 1)) + 120 * (labels[:, None, None, None] > 0)
+    np.savez(workdir / "lab.npz", images.astype(np.uint8), labels)
+    np.savez(workdir / "fake.npz", rng.integers(0, 256, size=(11, 8, 8, 1), dtype=np.uint8))
+    run(["train-feature-net", "--data", "lab.npz", "--out", "fnet", "--steps", 3,
+         "--batch-size", 8, "--name", "toy", "--no-progress"], workdir)
+    common = ["eval", "fake.npz", "--ref", "lab.npz", "--ref-num", 13, "--metrics", "fd,prec,rec",
+              "--space", "net", "--feature-net", "fnet", "--no-progress"]
+    one = json.loads(run([*common, "--cache-dir", "c1"], workdir).stdout)
+    out = run([*common, "--cache-dir", "c2"], workdir, nproc=2).stdout
+    two = json.loads(out)   # one JSON document: rank 1 printed nothing
+    assert set(one["metrics"]) == {"fd_toy", "precision_toy", "recall_toy"}
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, rel=1e-9, abs=1e-9), k

@@ -23,7 +23,9 @@ import re
 from typing import Dict, Iterable, Optional
 
 import numpy as np
+import torch
 
+from ..distributed import all_gather_cat, current, shard
 from ..errors import UsageError
 from .classifier import net_outputs
 from .frechet import feature_statistics, frechet_distance
@@ -52,6 +54,13 @@ def parse_metrics(text: str) -> list:
     return list(dict.fromkeys(names))
 
 
+def needs_networks(metrics: Iterable[str], space: str = "inception"):
+    """(needs Inception, needs a feature net) for metric names of METRICS in feature space `space`."""
+    metrics, spaced = set(metrics), bool({"kid", "prec", "rec"} & set(metrics))
+    return (bool({"fid", "sfid"} & metrics) or (space == "inception" and spaced),
+            bool({"fd", "is"} & metrics) or (space == "net" and spaced))
+
+
 def images_sha1(images: np.ndarray) -> str:
     h = hashlib.sha1(f"{images.dtype}{images.shape}".encode())
     h.update(np.ascontiguousarray(images).data)
@@ -75,13 +84,24 @@ def _network_spec(network) -> str:
 def compute_features(network, images: np.ndarray, batch_size: int = 50, progress: bool = True,
                      desc: str = "") -> Dict[str, np.ndarray]:
     """Features of uint8 NHWC images. Inception: {"pool", "spatial"}; a FeatureNet:
-    {"net", "probs"}."""
+    {"net", "probs"}. Under torchrun each rank extracts its contiguous share of the images and
+    every rank gets all features, in image order."""
+    dist = current()
+    part = images[shard(len(images), dist)] if dist.enabled else images
+    progress = progress and dist.is_main
     if isinstance(network, InceptionFeatures):
-        return network.extract(images, batch_size=batch_size, spatial=True, progress=progress,
-                               desc=f"inception {desc}".strip())
-    out = net_outputs(network, images, batch_size=max(batch_size, 256), progress=progress,
-                      desc=f"feature net {desc}".strip())
-    return {"net": out["features"], "probs": out["probs"]}
+        feats = network.extract(part, batch_size=batch_size, spatial=True, progress=progress,
+                                desc=f"inception {desc}".strip())
+    else:
+        out = net_outputs(network, part, batch_size=max(batch_size, 256), progress=progress,
+                          desc=f"feature net {desc}".strip())
+        feats = {"net": out["features"], "probs": out["probs"]}
+    if dist.enabled:   # nccl gathers CUDA tensors, gloo CPU ones
+        dev = (torch.device("cuda", dist.local_rank)
+               if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
+        feats = {k: all_gather_cat(torch.from_numpy(np.ascontiguousarray(v)).to(dev), dist).cpu().numpy()
+                 for k, v in feats.items()}
+    return feats
 
 
 def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str,
@@ -116,7 +136,8 @@ def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str
         arrays["spatial_mu"], arrays["spatial_sigma"] = feature_statistics(feats["spatial"])
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        _atomic_savez(path, arrays)
+        if current().is_main:   # under torchrun every rank has the same arrays; one writes
+            _atomic_savez(path, arrays)
     except OSError as e:
         raise UsageError(f"cannot write the reference cache {path} ({e}): choose another "
                          f"--cache-dir or set ${CACHE_ENV}") from None
@@ -138,8 +159,7 @@ def evaluate(samples: np.ndarray, reference: np.ndarray, metrics: Iterable[str] 
     metrics = list(metrics)
     if space not in SPACES:
         raise UsageError(f"unknown feature space {space!r}: choose inception or net")
-    needs_net = bool({"fd", "is"} & set(metrics)) or (space == "net" and bool({"kid", "prec", "rec"} & set(metrics)))
-    needs_inception = bool({"fid", "sfid"} & set(metrics)) or (space == "inception" and bool({"kid", "prec", "rec"} & set(metrics)))
+    needs_inception, needs_net = needs_networks(metrics, space)
     if needs_net and feature_net is None:
         raise UsageError("metrics fd, is and --space net need a feature network: pass --feature-net DIR "
                          "(train one with `gaussdiff train-feature-net`)")
