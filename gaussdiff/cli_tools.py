@@ -172,13 +172,16 @@ def add_tools_parsers(sub):
     """train-classifier (after train, whose options it shares), invert, interpolate, inpaint."""
     from .samplers import SAMPLERS
     add_train_classifier_parser(sub)
-    p = sub.add_parser("invert", help="DDIM inversion of images to latents x_T (ADM section H)")
+    p = sub.add_parser("invert", help="DDIM inversion of images to latents x_T (ADM section H; "
+                                      "σ-space models: Euler steps up to σ_max)")
     p.add_argument("images", nargs="+", metavar="IMG", help="PNG/JPEG images")
     _add_model_arguments(p)
     p.add_argument("--out", required=True, help="latents .npz (latents [N, C, H, W], labels, files)")
-    p.add_argument("--steps", default="50", help="DDIM steps (a respacing: 50, ddim50 ...) (50)")
+    p.add_argument("--steps", default="50",
+                   help="DDIM steps (a respacing: 50, ddim50 ...; σ-space models: N Euler steps) (50)")
     p.add_argument("--skip-last", action="store_true",
-                   help="reverse all steps but the last (ADM: better reconstructions)")
+                   help="reverse all steps but the last (ADM: better reconstructions; discrete-time "
+                        "models only)")
     p.add_argument("--labels", help="class labels, comma-separated, one per image (or one for all)")
     p.add_argument("--reconstruct", metavar="PNG",
                    help="decode the latents again, write originals (top) and reconstructions "
@@ -191,9 +194,9 @@ def add_tools_parsers(sub):
     _add_model_arguments(p)
     p.add_argument("--out", required=True, help="PNG strip: IMG_A, the frames, IMG_B")
     p.add_argument("--frames", type=int, default=9, help="frames, θ from 0 to π/2 (9)")
-    p.add_argument("--steps", default="50", help="DDIM steps (50)")
-    p.add_argument("--skip-last", type=_bool, default=True,
-                   help="reverse all steps but the last (default true)")
+    p.add_argument("--steps", default="50", help="DDIM steps (σ-space models: Euler steps) (50)")
+    p.add_argument("--skip-last", type=_bool,
+                   help="reverse all steps but the last (default true; discrete-time models only)")
     p.add_argument("--labels", metavar="A,B", help="the two class labels (class-conditional models)")
     p.set_defaults(func=cmd_interpolate)
 
@@ -239,7 +242,7 @@ def cmd_invert(args):
     images = _read_images(pipe, args.images)
     labels = _labels_for(pipe, args.labels, len(images))
     steps = _steps(args.steps)
-    z = invert(pipe, images, steps, args.skip_last, labels, progress=not args.no_progress)
+    z = invert(pipe, images, steps, args.skip_last or None, labels, progress=not args.no_progress)
     buf = io.BytesIO()
     np.savez(buf, latents=z.cpu().numpy(), labels=np.asarray(labels if labels else [], np.int64),
              files=np.asarray(args.images), steps=np.asarray(str(args.steps)),

@@ -36,6 +36,48 @@ def _generator_only(pipe: Pipeline, what: str):
                          f"generates images on its own")
 
 
+def _sigma_space(pipe: Pipeline, skip_last) -> bool:
+    """Whether the model was trained in σ-space (inversion by Euler steps in σ, see `invert`);
+    skip_last, a discrete-only option, must then be left unset (None)."""
+    if not pipe.config.get("precond"):
+        return False
+    if skip_last is not None:
+        raise UsageError(f"{pipe.path or 'this model'} was trained in σ-space: --skip-last applies to "
+                         f"discrete-time models (σ-space inversion already ends at σ_max, the level "
+                         f"where sampling starts); leave it out")
+    return True
+
+
+def _euler_levels(pipe: Pipeline, steps) -> list:
+    """The levels σ_0 > ... > σ_{N-1} > σ_N = 0 of `gaussdiff sample --sampler euler --steps N`
+    (the karras schedule of `Pipeline.sigma_steps`), as Python floats."""
+    if isinstance(steps, str) and steps.isdigit():
+        steps = int(steps)
+    if not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"{pipe.path or 'this model'} was trained in σ-space: --steps is a positive "
+                         f"number of Euler steps, not a respacing ({steps!r})")
+    return [float(s) for s in pipe.sigma_steps(steps)]
+
+
+def _state_dtype(device: torch.device, x: torch.Tensor) -> torch.dtype:
+    """The σ-space ODE state: float64 on CPU (as Pipeline.sample) or for float64 input."""
+    return torch.float64 if device.type == "cpu" or x.dtype == torch.float64 else torch.float32
+
+
+def euler_inversion(denoiser, x: torch.Tensor, sigmas: Sequence[float], model_kwargs=None,
+                    progress: bool = False) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ (EDM eq. 4) with
+    ASCENDING levels sigmas[0] < ... < sigmas[-1]: x [B, ...] at sigmas[0] -> x at sigmas[-1].
+    DDIM with η = 0 is this Euler method run downwards (`samplers.ddim`), so this is DDIM
+    inversion in σ-space; `samplers.euler` over the reversed levels is its decoder."""
+    from .samplers import to_d
+    for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), disable=not progress,
+                                  desc="invert"):
+        denoised = denoiser(x, x.new_full((len(x),), sigma), **(model_kwargs or {}))
+        x = x + (sigma_next - sigma) * to_d(x, sigma, denoised)
+    return x
+
+
 def _to_model(images, device) -> torch.Tensor:
     """uint8 NHWC (numpy or tensor) -> float NCHW in [-1, 1]; float NCHW passes through."""
     x = torch.as_tensor(images)
@@ -68,29 +110,43 @@ def label_weights(pipe: Pipeline, labels: Sequence[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def invert(pipe: Pipeline, images, steps=50, skip_last: bool = False, labels=None,
+def invert(pipe: Pipeline, images, steps=50, skip_last: Optional[bool] = None, labels=None,
            batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """DDIM inversion x_0 -> x_T (ADM section H): the deterministic DDIM ODE run forwards over
     the `steps` respaced steps (an int or a respacing like "ddim50").
 
-    images: uint8 [N, H, W, C] (or float [N, C, H, W] in [-1, 1]); labels: [N] for a
-    class-conditional model. Returns latents [N, C, H, W] (float32, float64 for float64
-    images), to be decoded by
-    `reconstruct` with the same steps. The reverse step from level i lands on ᾱ_{i+1}, so all
-    steps end at ᾱ = 0 (the model's ε); skip_last stops one step earlier, on the level ᾱ_{T-1}
-    at which sampling starts (ADM: "reversing the first 249 steps gives much better
-    reconstructions").
+    images: uint8 [N, H, W, C] (or float [N, C, H, W] in [-1, 1]); labels: [N] ints or [N, K]
+    label weights for a class-conditional model. Returns latents [N, C, H, W] (float32, float64
+    for float64 images), to be decoded by `reconstruct` with the same steps. The reverse step
+    from level i lands on ᾱ_{i+1}, so all steps end at ᾱ = 0 (the model's ε); skip_last stops
+    one step earlier, on the level ᾱ_{T-1} at which sampling starts (ADM: "reversing the first
+    249 steps gives much better reconstructions"). None means False.
+
+    σ-space models (config.json has "precond"): DDIM with η = 0 is Euler's method on
+    dx/dσ = (x − D(x; σ))/σ, so the image is taken as the sample at the lowest level σ_min of
+    `gaussdiff sample --sampler euler --steps N` and `euler_inversion` climbs those levels
+    (`steps`: the integer N) up to σ_max. The latent is x at σ_max, unscaled (std ≈ σ_max, not
+    1). skip_last has no σ-space counterpart (no ᾱ = 0 level) and must stay None.
     """
-    _discrete_only(pipe, "inversion")
-    diffusion, device = pipe.respaced(steps), _device(pipe)
+    _generator_only(pipe, "inversion")
+    device = _device(pipe)
     x0 = _to_model(images, device)
     kwargs = label_kwargs(pipe, labels, len(x0), device)
+    if _sigma_space(pipe, skip_last):
+        levels, dtype = _euler_levels(pipe, steps)[-2::-1], _state_dtype(device, x0)   # ascending
+
+        def run(x, kw):
+            return euler_inversion(pipe.denoiser, x.to(dtype), levels, kw, progress)
+    else:
+        diffusion = pipe.respaced(steps)
+
+        def run(x, kw):
+            return diffusion.ddim_reverse_sample_loop(pipe.model, x, model_kwargs=kw,
+                                                      progress=progress, skip_last=bool(skip_last))
     out = []
     for s in tqdm(range(0, len(x0), batch_size), disable=not progress or len(x0) <= batch_size,
                   desc="invert"):
-        kw = {k: v[s:s + batch_size] for k, v in kwargs.items()}
-        out.append(diffusion.ddim_reverse_sample_loop(pipe.model, x0[s:s + batch_size], model_kwargs=kw,
-                                                      progress=progress, skip_last=skip_last))
+        out.append(run(x0[s:s + batch_size], {k: v[s:s + batch_size] for k, v in kwargs.items()}))
     return torch.cat(out) if x0.dtype == torch.float64 else torch.cat(out).float()
 
 
@@ -100,16 +156,32 @@ def reconstruct(pipe: Pipeline, latents: torch.Tensor, steps=50, labels=None,
     """Deterministic DDIM sampling (η = 0, x_0 clipped) from latents [N, C, H, W] over the
     `steps` respaced steps: the decoder of `invert`. labels: [N] ints or [N, K] label weights
     (`label_weights`). Returns uint8 [N, H, W, C], or with as_uint8=False the samples
-    [N, C, H, W] in [-1, 1] in the latents' dtype."""
-    _discrete_only(pipe, "reconstruction")
-    diffusion, device = pipe.respaced(steps), _device(pipe)
+    [N, C, H, W] in [-1, 1] in the latents' dtype. σ-space models: `samplers.euler` (the
+    estimate clipped, as in Pipeline.sample) from the latents at σ_max down the levels of
+    `invert` to σ = 0: `gaussdiff sample --sampler euler --steps N` started from them."""
+    _generator_only(pipe, "reconstruction")
+    device = _device(pipe)
     z = torch.as_tensor(latents).to(device)
     kwargs = label_kwargs(pipe, labels, len(z), device)
+    if _sigma_space(pipe, None):
+        from .denoisers import ClipDenoised
+        from .samplers import euler
+        sigmas, dtype = _euler_levels(pipe, steps), _state_dtype(device, z)
+        D = ClipDenoised(pipe.denoiser)
+
+        def run(x, kw):
+            with tqdm(total=len(sigmas) - 1, disable=not progress, desc="reconstruct") as bar:
+                x = euler(D, x.to(dtype), sigmas, model_kwargs=kw, callback=lambda _: bar.update())
+            return x.to(z.dtype)
+    else:
+        diffusion = pipe.respaced(steps)
+
+        def run(x, kw):
+            return diffusion.ddim_sample_loop(pipe.model, x.shape, noise=x, model_kwargs=kw,
+                                              progress=progress)
     out = []
     for s in range(0, len(z), batch_size):
-        kw = {k: v[s:s + batch_size] for k, v in kwargs.items()}
-        x = diffusion.ddim_sample_loop(pipe.model, z[s:s + batch_size].shape,
-                                       noise=z[s:s + batch_size], model_kwargs=kw, progress=progress)
+        x = run(z[s:s + batch_size], {k: v[s:s + batch_size] for k, v in kwargs.items()})
         out.append(to_uint8(x) if as_uint8 else x)
     return np.concatenate(out) if as_uint8 else torch.cat(out)
 
@@ -132,7 +204,7 @@ def slerp_angles(frames: int) -> np.ndarray:
 
 @torch.no_grad()
 def interpolate(pipe: Pipeline, image_a, image_b, frames: int = 9, steps=50,
-                skip_last: bool = True, labels: Optional[Sequence[int]] = None,
+                skip_last: Optional[bool] = None, labels: Optional[Sequence[int]] = None,
                 progress: bool = True, as_uint8: bool = True):
     """Frames between two real images through the DDIM latent space (ADM section H): both are
     inverted (`invert`), the latents mixed as cos θ·z_a + sin θ·z_b for θ from 0 to π/2 and
@@ -141,9 +213,14 @@ def interpolate(pipe: Pipeline, image_a, image_b, frames: int = 9, steps=50,
     matrix cos θ·onehot(y_a) + sin θ·onehot(y_b) (UNetModel: y @ label_emb.weight).
 
     image_a, image_b: uint8 [H, W, C]. Returns uint8 [frames, H, W, C] (as_uint8=False: float
-    [frames, C, H, W] in [-1, 1]); frame 0 reconstructs image_a, the last image_b.
+    [frames, C, H, W] in [-1, 1]); frame 0 reconstructs image_a, the last image_b. skip_last:
+    see `invert`; None means True for a discrete-time model (ADM) and is required for a σ-space
+    one, whose latents (std ≈ σ_max) the same mix handles: it is linear, and for the nearly
+    orthogonal latents of two images it keeps their norm.
     """
     theta = torch.from_numpy(slerp_angles(frames))
+    if skip_last is None and not pipe.config.get("precond"):
+        skip_last = True
     z = invert(pipe, np.stack([image_a, image_b]), steps, skip_last, labels, progress=progress).double()
     c, s = theta.cos().reshape(-1, 1, 1, 1), theta.sin().reshape(-1, 1, 1, 1)
     mixed = (c * z[0] + s * z[1]).float()

@@ -305,3 +305,120 @@ def test_cli_image_tools(dirs, tmp_path, capsys):
     assert cli_main(["invert", paths[0], "--out", lat, *common]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--labels" in err[0]
+
+
+# ----------------------------------------------------------------------- σ-space models
+class GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser of N(μ, s²I) data: D(x; σ) = μ + s²/(s² + σ²)·(x − μ)."""
+    sigma_min, sigma_max = 0.0, float("inf")   # as EDMPrecond: karras levels on [0.002, 80]
+
+    def __init__(self, mu=0.1, s=0.5):
+        super().__init__()
+        self.mu, self.s2 = mu, s * s
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, sigma, **unused):
+        return self.mu + self.s2 / (self.s2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - self.mu)
+
+
+def test_sigma_space_inversion_is_euler_in_sigma():
+    """σ-space inversion climbs the levels σ_{N-1} < ... < σ_0 of `sample --sampler euler
+    --steps N`; reconstruction is that sampler from σ_0 to 0. With the exact Gaussian denoiser,
+    x − D = σ²/(s² + σ²)·(x − μ): an Euler step σ -> σ' multiplies x − μ by
+    g(σ, σ') = 1 + (σ' − σ)·σ/(s² + σ²) and the last step to 0 by s²/(s² + σ_{N-1}²), closed
+    forms that pin every level. The round trip is first order: its error halves when the steps
+    double, and is small at many steps."""
+    base = gaussian_pipe()
+    D = GaussianDenoiser()
+    pipe = Pipeline(D, base.diffusion, dict(base.config, precond={"type": "edm", "sigma_data": 0.5}), "", D)
+    mu, s2 = D.mu, D.s2
+    x0 = 0.5 * torch.tanh(torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64))
+    levels = pipe.sigma_steps(10)[:-1][::-1]   # ascending, σ_min = 0.002 ... σ_max = 80
+    assert (levels[0], levels[-1]) == pytest.approx((0.002, 80.0))
+    up = np.prod([1 + (b - a) * a / (s2 + a * a) for a, b in zip(levels[:-1], levels[1:])])
+    down = np.prod([1 + (a - b) * b / (s2 + b * b) for a, b in zip(levels[:-1], levels[1:])])
+    z = tools.invert(pipe, x0, 10, progress=False)
+    torch.testing.assert_close(z, mu + (x0 - mu) * up, rtol=1e-12, atol=1e-12)
+    x = tools.reconstruct(pipe, z, 10, progress=False, as_uint8=False)
+    last = s2 / (s2 + levels[0] ** 2)
+    torch.testing.assert_close(x, mu + (x0 - mu) * up * down * last, rtol=1e-12, atol=1e-12)
+    errors = {}
+    for N in (32, 64, 128, 256, 2048):
+        x = tools.reconstruct(pipe, tools.invert(pipe, x0, N, progress=False), N, progress=False,
+                              as_uint8=False)
+        errors[N] = float((x - x0).abs().max() / (x0 - mu).abs().max())
+    for N in (32, 64, 128):
+        assert 1.85 < errors[N] / errors[2 * N] < 2.1, errors
+    assert errors[2048] < 0.003, errors
+    for bad in (True, False):
+        with pytest.raises(UsageError, match="--skip-last"):
+            tools.invert(pipe, x0, 4, skip_last=bad, progress=False)
+    with pytest.raises(UsageError, match="Euler steps"):
+        tools.invert(pipe, x0, "ddim4", progress=False)
+
+
+@pytest.fixture(scope="module")
+def edm_dir(tmp_path_factory):
+    """A class-conditional (null label) model directory trained, as far as config.json says,
+    with --objective edm."""
+    import os
+    from gaussdiff.modeldir import CONFIG_NAME, atomic_write_json, read_config
+    path = make_model_dir(tmp_path_factory.mktemp("edm") / "m", null_class=True, seed=5)
+    cfg = read_config(path)
+    cfg["precond"] = {"type": "edm", "sigma_data": 0.5}
+    atomic_write_json(os.path.join(path, CONFIG_NAME), cfg)
+    return path
+
+
+def test_sigma_space_reconstruct_and_interpolate(edm_dir):
+    """Decoding the latent noise·σ_max gives `sample --sampler euler` bit for bit (with the
+    labels); interpolation's first and last frames decode each image's own latent with its own
+    label, and the frames between differ from both."""
+    from gaussdiff.modeldir import seed_for
+    from gaussdiff.rng import per_sample_generators
+    pipe = gaussdiff.load(edm_dir, device="cpu")
+    ref, _ = pipe.sample(2, "euler", 4, seed=7, labels=[0, 2], progress=False)
+    gens = per_sample_generators([seed_for(7, i) for i in range(2)])
+    noise = torch.stack([torch.randn(pipe.image_shape, generator=g) for g in gens])
+    out = tools.reconstruct(pipe, noise.double() * float(pipe.sigma_steps(4)[0]), 4, labels=[0, 2],
+                            progress=False)
+    np.testing.assert_array_equal(out, ref)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
+    frames = tools.interpolate(pipe, a, b, 3, 4, labels=[0, 2], progress=False, as_uint8=False)
+    for image, label, frame in ((a, 0, frames[0]), (b, 2, frames[-1])):
+        z = tools.invert(pipe, image[None], 4, labels=[label], progress=False)
+        assert z.dtype == torch.float32 and 20 < float(z.std()) < 200   # x at σ_max = 80
+        ref = tools.reconstruct(pipe, z, 4, labels=[label], progress=False, as_uint8=False)[0]
+        torch.testing.assert_close(frame, ref, rtol=1e-4, atol=1e-4)
+    assert (frames[1] - frames[0]).abs().max() > 1e-3 and (frames[1] - frames[-1]).abs().max() > 1e-3
+    with pytest.raises(UsageError, match="--skip-last"):
+        tools.interpolate(pipe, a, b, 3, 4, skip_last=True, labels=[0, 2], progress=False)
+
+
+def test_cli_sigma_space_invert_and_interpolate(edm_dir, tmp_path, capsys):
+    """`gaussdiff invert --reconstruct` and `gaussdiff interpolate` run on a σ-space model;
+    --skip-last there is a one-line error."""
+    from PIL import Image
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(paths[-1])
+    common = ["--model", edm_dir, "--device", "cpu", "--no-progress"]
+    lat, recon, strip = (str(tmp_path / f) for f in ("lat.npz", "recon.png", "strip.png"))
+    assert cli_main(["invert", *paths, "--out", lat, "--steps", "4", "--labels", "0,1",
+                     "--reconstruct", recon, *common]) == 0
+    assert "psnr" in capsys.readouterr().out
+    with np.load(lat) as f:
+        assert f["latents"].shape == (2, 1, 8, 8) and not f["skip_last"]
+    assert cli_main(["interpolate", *paths, "--frames", "3", "--steps", "4", "--labels", "0,2",
+                     "--out", strip, *common]) == 0
+    with Image.open(strip) as im:
+        assert im.size[0] > im.size[1] * 4
+    capsys.readouterr()
+    for cmd in (["invert", *paths, "--out", lat, "--skip-last"],
+                ["interpolate", *paths, "--out", strip, "--skip-last", "true"]):
+        assert cli_main([*cmd, "--steps", "4", "--labels", "0,1", *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--skip-last" in err[0], err
