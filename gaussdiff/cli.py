@@ -326,8 +326,13 @@ def add_export_parser(sub):
 
 def cmd_export(args):
     import gaussdiff
-    from .modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, save_tensors
-    pipe = gaussdiff.load(args.run, device="cpu", ema=None if args.ema == "raw" else args.ema)
+    from .modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, read_config, save_tensors
+    ema = None if args.ema == "raw" else args.ema
+    if read_config(args.run).get("kind") == "classifier":   # a noisy classifier's run
+        from .classifier import load_classifier
+        pipe = load_classifier(args.run, device="cpu", ema=ema)
+    else:
+        pipe = gaussdiff.load(args.run, device="cpu", ema=ema)
     os.makedirs(args.out, exist_ok=True)
     cfg = dict(pipe.config)
     cfg["training"] = dict(cfg.get("training", {}), sample_ema=None,

@@ -394,6 +394,11 @@ def test_cli_train_classifier_and_guided_sampling(dirs, tmp_path, capsys):
                      "--diffusion-steps", "100", "--log-every", "1", "--device", "cpu",
                      "--no-progress"]) == 0
     assert "acc_q0" in open(f"{cls}/log.jsonl").read()
+    # export copies the classifier's config and its EMA weights into a bundled directory
+    assert cli_main(["export", cls, str(tmp_path / "cls-ema"), "--ema", "0.999"]) == 0
+    from gaussdiff.classifier import load_classifier
+    a, b = load_classifier(cls, device="cpu", ema="0.999"), load_classifier(str(tmp_path / "cls-ema"), device="cpu")
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
     base = ["sample", dirs["cond"], "--num", "2", "--steps", "3", "--out", out, "--device", "cpu",
             "--no-progress"]
     assert cli_main(base + ["--sampler", "ddpm", "--classifier", cls, "--classifier-scale", "2",
