@@ -129,7 +129,8 @@ def add_nll_parser(sub):
     a("--batch-size", type=int, default=16)
     a("--seed", type=int, default=0, help="image i's noise depends only on (seed, i)")
     a("--ema", default="auto", help="which weights: auto, raw, or an EMA rate like 0.9999")
-    a("--out", help="also write the JSON to this file")
+    a("--out", help="write the whole record as JSON to this file (with per-step and per-image "
+                    "values; stdout gets the summary)")
     a("--device")
     a("--no-progress", action="store_true")
     g = p.add_argument_group(
@@ -207,7 +208,19 @@ def cmd_nll(args):
     which = {"model": os.path.abspath(args.model)} if args.model else {"ensemble": pipe.config["ensemble"]}
     result = {**which, "data": args.data, "split": args.split, "seed": args.seed,
               "steps": args.steps, "method": "ode" if args.ode else "vlb", **result}
-    _write_json(result, args.out)
+    if args.out:   # the whole record (per step, per image) to the file; a summary to stdout
+        from .modeldir import atomic_write_bytes
+        atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    summary = {k: v for k, v in result.items() if k not in ("per_step", "per_image")}
+    if isinstance(summary.get("nfe"), dict):
+        summary["nfe"] = {k: v for k, v in summary["nfe"].items() if k != "per_batch"}
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    bpd = result["bpd"]
+    spread = "" if bpd["stderr"] is None else f" ± {bpd['stderr']:.4f}"
+    print(f"nll ({'ODE' if args.ode else 'VLB'}, {result['num']} images): {bpd['mean']:.4f}"
+          f"{spread} bits/dim" + (f"; per-step and per-image values in {args.out}"
+                                              if args.out else "; --out FILE keeps the per-step and "
+                                              "per-image values"), file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- feature net

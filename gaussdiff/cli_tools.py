@@ -38,6 +38,10 @@ def add_guidance_arguments(p):
     g.add_argument("--classifier-grad-at", choices=GRAD_AT,
                    help="take the classifier gradient at x_t (default, as ADM) or at the predicted "
                         "mean (ddpm only)")
+    g.add_argument("--classifier-clip", choices=("guided", "adm"),
+                   help="guided (default): clamp the classifier-guided x̂0 to [-1, 1] as well; adm: "
+                        "clamp only before the shift, ADM's Algorithm 2 as published (breaks DDIM on "
+                        "cosine schedules, where the first shift is ≈ 2·10⁴·s·∇log p)")
     g.add_argument("--cfg-scale", type=float, metavar="W",
                    help="classifier-free guidance D_u + W·(D_c − D_u) for a model trained with "
                         "--label-dropout (1: conditional, 0: unconditional)")
@@ -53,8 +57,10 @@ def guidance_from_args(args, device):
     """A gaussdiff.guidance.Guidance from the options of add_guidance_arguments, or None."""
     from .guidance import Guidance
     from .train import parse_floats
-    if args.classifier is None and (args.classifier_scale is not None or args.classifier_grad_at):
-        raise UsageError("--classifier-scale and --classifier-grad-at apply with --classifier DIR")
+    if args.classifier is None and (args.classifier_scale is not None or args.classifier_grad_at
+                                    or args.classifier_clip):
+        raise UsageError("--classifier-scale, --classifier-grad-at and --classifier-clip apply "
+                         "with --classifier DIR")
     given = (args.classifier, args.cfg_scale, args.cfg_interval, args.temperature,
              args.temperature_mode)
     if all(v is None for v in given):
@@ -73,7 +79,8 @@ def guidance_from_args(args, device):
                     grad_at=args.classifier_grad_at or "x_t", cfg_scale=args.cfg_scale,
                     cfg_interval=None if interval is None else tuple(interval),
                     temperature=1.0 if args.temperature is None else args.temperature,
-                    temperature_mode=args.temperature_mode or "noise")
+                    temperature_mode=args.temperature_mode or "noise",
+                    clip_guided=args.classifier_clip != "adm")
 
 
 def sample_cascade(args, device, guidance):

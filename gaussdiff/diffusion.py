@@ -356,14 +356,22 @@ class GaussianDiffusion:
             g = cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
         return dict(out, mean=out["mean"] + out["variance"] * g)
 
-    def condition_score(self, cond_fn, out, x, t, model_kwargs=None):
+    def condition_score(self, cond_fn, out, x, t, model_kwargs=None, clip: bool = False):
         """ADM Algorithm 2 (section D.3, eq. 60): the score form ε̂ = ε − sqrt(1 − ᾱ_t)·g with
         g = cond_fn(x_t, t, **model_kwargs) = s·∇ log p_φ(y | x_t); x̂_0 and the mean follow
         from ε̂. ε̂ is applied as the equivalent shift of x̂_0 (x̂_0 = (x_t − sqrt(1 − ᾱ)ε)/sqrt(ᾱ)
-        moves by −sqrt(1/ᾱ − 1)·Δε), so that g = 0 changes nothing, bit for bit."""
+        moves by −sqrt(1/ᾱ − 1)·Δε), so that g = 0 changes nothing, bit for bit.
+
+        clip: clamp the guided x̂_0 to [-1, 1] as well. ADM clips x̂_0 before the shift only, and
+        the shift is sqrt(1/ᾱ_t − 1)·sqrt(1 − ᾱ_t)·g ≈ σ_t·g: at the last step of a cosine
+        schedule (ᾱ ≈ 2.4e-9, σ ≈ 2·10⁴) it throws x̂_0 far outside the data range and DDIM
+        then commits to a binary image. Clipping after the shift keeps every step's x̂_0 a
+        possible image; ε̂ is recomputed from it, as the step does for an unguided clip."""
         g = cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
         eps_shift = -self._extract("sqrt_one_minus_alphas_cumprod", t, x) * g
         pred_xstart = out["pred_xstart"] - self._extract("sqrt_recipm1_alphas_cumprod", t, x) * eps_shift
+        if clip:
+            pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return dict(out, pred_xstart=pred_xstart, mean=mean)
 
@@ -395,13 +403,16 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------- DDIM
     def ddim_sample(self, model, x, t, clip_denoised=True, model_kwargs=None, denoised_fn=None,
-                    eta=0.0, generator: Generator = None, noise_scale: float = 1.0, cond_fn=None):
+                    eta=0.0, generator: Generator = None, noise_scale: float = 1.0, cond_fn=None,
+                    clip_guided: bool = False):
         """One DDIM step x_t -> x_{t-1} (Song et al. eq. 12). eta=0: deterministic.
         noise_scale multiplies the noise added when eta > 0 (temperature); cond_fn guides the
-        step in score form (`condition_score`)."""
+        step in score form (`condition_score`); clip_guided (with clip_denoised) clamps the
+        guided x̂_0 too (False: ADM's Algorithm 2 as published)."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn)
         if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs,
+                                       clip=clip_denoised and clip_guided)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         a_bar = self._extract("alphas_cumprod", t, x)
         a_bar_prev = self._extract("alphas_cumprod_prev", t, x)
@@ -425,14 +436,14 @@ class GaussianDiffusion:
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
                          denoised_fn=None, device=None, dtype=torch.float32, progress=False,
                          eta=0.0, generator: Generator = None, callback=None,
-                         noise_scale: float = 1.0, cond_fn=None):
+                         noise_scale: float = 1.0, cond_fn=None, clip_guided: bool = False):
         """DDIM sampling over this diffusion's steps (respace it for fewer), [B, C, H, W].
-        noise_scale, cond_fn: see `ddim_sample`."""
+        noise_scale, cond_fn, clip_guided: see `ddim_sample`."""
         x = self._initial_noise(shape, noise, generator, device, dtype)
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="ddim"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             out = self.ddim_sample(model, x, t, clip_denoised, model_kwargs, denoised_fn, eta,
-                                   generator, noise_scale, cond_fn)
+                                   generator, noise_scale, cond_fn, clip_guided)
             x = out["sample"]
             if callback is not None:
                 callback(dict(i=i, t=t, sample=x, pred_xstart=out["pred_xstart"]))

@@ -192,6 +192,10 @@ class Guidance:
     cfg_scale: w of classifier-free guidance (None: off; 1: the conditional model; 0: the
         unconditional one), applied for σ in cfg_interval = (lo, hi) only, if given.
     temperature, temperature_mode: τ, and "noise" (scale the added noise) or "eps" (ε/τ).
+    clip_guided: with clip_denoised, clamp the classifier-guided x̂_0 to [-1, 1] as well (ddim
+        and σ-space samplers). False is ADM's Algorithm 2 as published, which clips only
+        before the shift: on cosine schedules its first step moves x̂_0 by ≈ σ_T·s·∇log p
+        (σ_T ≈ 2·10⁴) and DDIM returns binary images (`GaussianDiffusion.condition_score`).
     """
     classifier: Optional[object] = None
     classifier_scale: float = 1.0
@@ -200,6 +204,7 @@ class Guidance:
     cfg_interval: Optional[Tuple[float, float]] = None
     temperature: float = 1.0
     temperature_mode: str = "noise"
+    clip_guided: bool = True
 
     def __post_init__(self):
         if self.grad_at not in GRAD_AT:
@@ -263,6 +268,8 @@ class Guidance:
                                                self.classifier_scale)
             if sampler == "ddpm":
                 loop["cond_at_mean"] = self.grad_at == "mean"
+            else:
+                loop["clip_guided"] = self.clip_guided
         return wrap, loop
 
     def for_sigma_space(self, pipe, denoiser, sampler: str, options: dict, clip_denoised: bool):
@@ -283,6 +290,8 @@ class Guidance:
         if self.classifier is not None:
             denoiser = ClassifierGuidedDenoiser(denoiser, self.classifier.sigma_log_prob,
                                                 self.classifier_scale)
+            if clip_denoised and self.clip_guided:
+                denoiser = ClipDenoised(denoiser)
         takes_noise = "noise_scale" in inspect.signature(SAMPLERS[sampler]).parameters
         stochastic = takes_noise and (options.get("churn", 0) > 0 or options.get("eta", 0) > 0 or
                                       (sampler == "euler_ancestral" and options.get("eta", 1) > 0))

@@ -135,6 +135,42 @@ def test_sigma_space_guidance_is_s_sigma2_grad_and_equals_discrete_ddim():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
 
 
+def test_clip_guided_clamps_the_shifted_x0_and_matches_sigma_space():
+    """On a cosine schedule the first DDIM step's guided x̂_0 moves by s·sqrt(1/ᾱ − 1)·
+    sqrt(1 − ᾱ)·G_y ≈ s·σ_T·G_y (σ_T ≈ 2·10⁴ for T = 1000): ADM's published step (clip before
+    the shift) leaves it there; clip_guided clamps it to [-1, 1], i.e. x̂_0 = clamp(x̂_0^ADM),
+    and the step is then x_{t-1} = sqrt(ᾱ_{t-1})·x̂_0 + sqrt(1 − ᾱ_{t-1})·ε̂(x̂_0). Euler in
+    σ-space with clip → guide → clip gives the same loop."""
+    full = make_diffusion("cosine", 1000, "eps", "fixed_small")
+    respaced = make_diffusion("cosine", 1000, "eps", "fixed_small", respacing="10")
+    F, s, kw = toy_model(), 0.5, {"y": Y}
+    k = respaced.num_timesteps - 1
+    t, x, cond_fn = torch.full((3,), k), x_at(8), ClassifierCondFn(log_prob, s)
+    out = respaced.p_mean_variance(F, x, t, clip_denoised=True, model_kwargs=kw)
+    adm = respaced.condition_score(cond_fn, out, x, t, kw)["pred_xstart"]
+    a = respaced.alphas_cumprod[k]
+    shift = s * math.sqrt(1 / a - 1) * math.sqrt(1 - a) * G[Y]
+    torch.testing.assert_close(adm - out["pred_xstart"], shift, rtol=1e-9, atol=1e-9)
+    assert adm.abs().max() > 100   # the published step leaves the data range by orders of magnitude
+    step = respaced.ddim_sample(F, x, t, model_kwargs=kw, cond_fn=cond_fn, clip_guided=True)
+    x0 = adm.clamp(-1, 1)
+    torch.testing.assert_close(step["pred_xstart"], x0, rtol=0, atol=0)
+    eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+    a_prev = respaced.alphas_cumprod_prev[k]
+    torch.testing.assert_close(step["sample"], math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps,
+                               rtol=1e-9, atol=1e-9)
+    z = x_at(9)
+    ref = respaced.ddim_sample_loop(F, z.shape, noise=z, model_kwargs=kw, cond_fn=cond_fn,
+                                    clip_guided=True)
+    D = DiscreteDenoiser(F, full.alphas_cumprod, "eps", quantize=True)
+    from gaussdiff.denoisers import ClipDenoised
+    guided = ClipDenoised(ClassifierGuidedDenoiser(ClipDenoised(D), sigma_log_prob, s))
+    levels = D.sigmas[respaced.timestep_map].flip(0)
+    sigmas = torch.cat([levels, torch.zeros(1, dtype=F64)])
+    out = S.euler(guided, z * (1 + levels[0] ** 2).sqrt(), sigmas, model_kwargs=kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-7)
+
+
 def test_scale_zero_reproduces_unguided_samples_bit_for_bit():
     """Classifier guidance at s = 0 changes no bit, though the classifier runs: ddpm (μ + Σ·0),
     ddim with η > 0 (x̂_0 shifted by 0) and a stochastic σ-space sampler (D + σ²·0)."""

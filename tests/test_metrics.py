@@ -384,10 +384,12 @@ def test_nll_cli_terms_add_up(tmp_path, capsys):
     v = np.array(r["per_image"]["total_bpd"])
     assert r["bpd"]["stderr"] == pytest.approx(v.std(ddof=1) / math.sqrt(3), rel=1e-12)
     assert r["bpd"]["mean"] > 0 and math.isfinite(r["bpd"]["mean"])
-    capsys.readouterr()
+    summary = json.loads(capsys.readouterr().out)   # stdout: the summary, no per-step values
+    assert "per_step" not in summary and "per_image" not in summary
+    assert summary["bpd"] == r["bpd"] and summary["terms"] == terms
     assert main(["nll", model, "--data", data, "--num", "3", "--steps", "5", "--batch-size", "3",
-                 "--seed", "1", "--no-progress"]) == 0
-    r3 = json.loads(capsys.readouterr().out)
+                 "--seed", "1", "--out", str(out), "--no-progress"]) == 0
+    r3 = json.load(open(out))
     np.testing.assert_allclose(r3["per_image"]["total_bpd"], v, rtol=1e-6)
 
 

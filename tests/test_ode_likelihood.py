@@ -98,6 +98,32 @@ def _nonlinear_denoiser(d, seed=0):
     return D
 
 
+def test_fixed_step_nll_reports_its_own_convergence(capsys):
+    """A Heun --steps N run also integrates with N/2 steps; Heun's error is O(h²), so
+    (bpd(N/2) − bpd(N))/3 estimates bpd(N) − bpd(exact). Checked on the exact denoiser of
+    Gaussian data against a tight RK45 solution (exact trace, so no probe noise): in the
+    asymptotic range (N ≥ 50 here) the estimate has the true error's sign and size (within
+    25%), an N whose error exceeds the tolerance is flagged on stderr, a fine one passes."""
+    from types import SimpleNamespace
+    from gaussdiff.metrics.ode_likelihood import evaluate_ode_nll
+    g = np.random.default_rng(0)
+    images = np.clip(np.round((0.5 * g.standard_normal((3, 2, 3, 1)) + 1) * 127.5), 0, 255).astype(np.uint8)
+    pipe = SimpleNamespace(task="generate", image_shape=(1, 2, 3), model=torch.nn.Linear(1, 1),
+                           num_classes=None, path="gauss", denoiser=gaussian_denoiser(torch.zeros(1, 2, 3)))
+    kw = dict(exact_trace=True, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, progress=False)
+    exact = evaluate_ode_nll(pipe, images, rtol=1e-10, atol=1e-10, **kw)["bpd"]["mean"]
+    assert "converged" not in evaluate_ode_nll(pipe, images, rtol=1e-6, atol=1e-6, **kw)
+    coarse = evaluate_ode_nll(pipe, images, steps=50, tolerance=1e-3, **kw)
+    c = coarse["convergence"]
+    true_error = c["bpd"] - exact
+    assert abs(true_error) > 1e-2 and c["half_steps"] == 25
+    assert c["estimated_error"] == pytest.approx(true_error, rel=0.25)
+    assert coarse["converged"] is False and "--steps 50 has not converged" in capsys.readouterr().err
+    fine = evaluate_ode_nll(pipe, images, steps=200, tolerance=2e-3, **kw)
+    assert fine["converged"] is True and abs(fine["bpd"]["mean"] - exact) < 2e-3
+    assert capsys.readouterr().err == ""
+
+
 def test_divergence_matches_jacobian():
     """divergence(): with probes, (1/K)·Σ ε_kᵀ J ε_k; without, the trace of J, both against the
     full Jacobian from torch.autograd.functional.jacobian, per row."""
@@ -162,10 +188,12 @@ def test_nll_ode_cli_discrete_and_edm(tmp_path, capsys):
     batch size; RK45 runs and reports its NFE."""
     model = make_model_dir(tmp_path / "m", num_classes=None)
     data = _npz(tmp_path / "d.npz")
+    out = str(tmp_path / "nll.json")
     args = ["nll", model, "--ode", "--data", data, "--num", "3", "--steps", "2", "--seed", "1",
-            "--no-progress"]
+            "--no-progress", "--out", out]
     assert main(args + ["--batch-size", "3"]) == 0
-    r = json.loads(capsys.readouterr().out)
+    r = json.load(open(out))
+    capsys.readouterr()
     assert r["method"] == "ode" and r["nfe"]["mean"] == 4 and r["settings"]["solver"] == "heun"
     per = np.array(r["per_image"]["bpd"])
     assert np.isfinite(per).all() and r["bpd"]["mean"] == pytest.approx(per.mean(), rel=1e-12)
@@ -176,7 +204,9 @@ def test_nll_ode_cli_discrete_and_edm(tmp_path, capsys):
     beta_0 = make_diffusion("linear", 100).betas[0]   # the model's smallest σ, above 0.002
     assert r["settings"]["sigma_min"] == pytest.approx(math.sqrt(beta_0 / (1 - beta_0)), rel=1e-12)
     assert main(args + ["--batch-size", "1"]) == 0
-    np.testing.assert_allclose(json.loads(capsys.readouterr().out)["per_image"]["bpd"], per, rtol=1e-5)
+    np.testing.assert_allclose(json.load(open(out))["per_image"]["bpd"], per, rtol=1e-5)
+    summary = json.loads(capsys.readouterr().out)   # stdout: the summary without per-image values
+    assert "per_image" not in summary and summary["bpd"]["mean"] == pytest.approx(per.mean(), rel=1e-5)
     assert main(["nll", model, "--ode", "--data", data, "--num", "1", "--rtol", "1e-2",
                  "--atol", "1e-2", "--no-progress"]) == 0
     r = json.loads(capsys.readouterr().out)

@@ -39,6 +39,7 @@ follows Song et al. so that its numbers compare with theirs.)
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Optional
 
 import numpy as np
@@ -178,8 +179,10 @@ def default_sigma_range(denoiser, sigma_min=None, sigma_max=None):
     """(σ_min, σ_max): max(0.002, the model's smallest σ) and the model's largest σ (80, EDM's,
     for a preconditioner without one), unless given."""
     lo = max(0.002, float(denoiser.sigma_min)) if sigma_min is None else float(sigma_min)
+    if sigma_max is not None:
+        return lo, float(sigma_max)
     hi_model = float(denoiser.sigma_max)
-    hi = (hi_model if math.isfinite(hi_model) else 80.0) if sigma_max is None else float(sigma_max)
+    hi = hi_model if math.isfinite(hi_model) else 80.0
     return lo, hi
 
 
@@ -188,15 +191,23 @@ def evaluate_ode_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = No
                      hutchinson_samples: int = 1, probe: str = "rademacher",
                      exact_trace: bool = False, sigma_min: Optional[float] = None,
                      sigma_max: Optional[float] = None, batch_size: int = 16, seed: int = 0,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, tolerance: float = 0.01) -> dict:
     """The probability-flow ODE NLL in bits/dim of uint8 NHWC images under a loaded Pipeline
     (σ-space or discrete-time). Image i's dequantization noise, then its probes, come from
     the generator of seed_for(seed, i). With Heun (`steps`) image i's value depends only on
     (seed, i); RK45 chooses its steps for the whole batch, so a value moves with the batch
     within the tolerance.
 
+    A fixed-step run checks its own convergence: every batch is integrated again with
+    steps // 2 steps (same dequantization and probes, 1.5x the work), and as Heun's error is
+    O(h²), bpd(N) − bpd(N/2) ≈ −3·error(N). "convergence" holds both means and that estimate;
+    "converged" is whether |estimate| <= `tolerance` bits/dim (a warning goes to stderr if not).
+    The mean over the images (not each image) is what is checked: the Hutchinson noise of a
+    single image is much larger than the discretisation error and cancels in the difference.
+
     Returns a JSON-ready dict: bpd (mean, stderr), nfe (mean per batch and per batch),
-    settings, per_image {bpd, logp, prior_logp, delta_logp} (log densities in nats in [-1, 1]).
+    settings, per_image {bpd, logp, prior_logp, delta_logp} (log densities in nats in [-1, 1]),
+    and for fixed steps convergence and converged.
     """
     from tqdm.auto import tqdm
     from ..denoisers import pipeline_denoiser
@@ -221,7 +232,8 @@ def evaluate_ode_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = No
     pipe.model.eval()
     d = C * H * W
     per = {"bpd": [], "logp": [], "prior_logp": [], "delta_logp": []}
-    nfes = []
+    nfes, coarse_bpd = [], []
+    coarse = None if steps is None else max(1, steps // 2)
     bar = tqdm(total=len(images), unit="img", disable=not progress,
                desc=f"nll --ode ({'rk45' if steps is None else f'heun {steps}'})")
     for start in range(0, len(images), batch_size):
@@ -239,11 +251,28 @@ def evaluate_ode_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = No
         out = ode_log_likelihood(denoiser, z, lo, hi, model_kwargs=kwargs, steps=steps,
                                  rtol=rtol, atol=atol, probes=probes, stats=stats)
         nfes.append(stats["nfe"])
+        if coarse is not None:
+            half = ode_log_likelihood(denoiser, z, lo, hi, model_kwargs=kwargs, steps=coarse,
+                                      probes=probes)
+            coarse_bpd += bpd_from_logp(half["logp"].cpu(), d).tolist()
         for key in ("logp", "prior_logp", "delta_logp"):
             per[key] += out[key].cpu().tolist()
         per["bpd"] += bpd_from_logp(out["logp"].cpu(), d).tolist()
         bar.update(len(idx))
     bar.close()
+    extra = {}
+    if coarse is not None:
+        fine_mean, coarse_mean = float(np.mean(per["bpd"])), float(np.mean(coarse_bpd))
+        error = (coarse_mean - fine_mean) / 3   # Richardson: e(N/2) ≈ 4·e(N) for a 2nd-order method
+        extra = {"convergence": {"steps": steps, "bpd": fine_mean, "half_steps": coarse,
+                                 "half_steps_bpd": coarse_mean, "estimated_error": error,
+                                 "tolerance": tolerance},
+                 "converged": abs(error) <= tolerance}
+        if not extra["converged"]:
+            print(f"warning: nll --ode --steps {steps} has not converged: {coarse} steps give "
+                  f"{coarse_mean:.3f} bits/dim, {steps} give {fine_mean:.3f} (estimated error "
+                  f"{abs(error):.3f} > {tolerance}); use more --steps or leave --steps out (RK45)",
+                  file=sys.stderr)
     return {
         "bpd": mean_stderr(per["bpd"]),
         "num": len(images),
@@ -256,5 +285,6 @@ def evaluate_ode_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = No
                           f"{'s' if hutchinson_samples > 1 else ''})",
                      "dequantization": "uniform: z = 2(k + u)/256 - 1, bpd = -log p(z)/(D ln 2) + 7",
                      "batch_size": batch_size},
+        **extra,
         "per_image": per,
     }
