@@ -94,7 +94,7 @@ class DynamicLossScaler:
         self.scale, self.good_steps = float(init_scale), 0
         self.growth_interval, self.growth_factor = int(growth_interval), float(growth_factor)
         self.backoff_factor, self.min_scale = float(backoff_factor), float(min_scale)
-        self.skipped = 0   # steps skipped since creation (or the last resume)
+        self.skipped = 0   # overflow steps skipped in the whole run (kept across --resume)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
@@ -123,12 +123,15 @@ class DynamicLossScaler:
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         return {"amp.scale": torch.tensor(self.scale, dtype=torch.float64),
-                "amp.good_steps": torch.tensor(self.good_steps)}
+                "amp.good_steps": torch.tensor(self.good_steps),
+                "amp.skipped": torch.tensor(self.skipped)}
 
     def load_state_tensors(self, state: Dict[str, torch.Tensor]):
         if "amp.scale" in state:   # a run started in fp32 resumes with the initial scale
             self.scale = float(state["amp.scale"])
             self.good_steps = int(state["amp.good_steps"])
+            # older checkpoints lack the count: it then restarts at 0 (as it did before)
+            self.skipped = int(state["amp.skipped"]) if "amp.skipped" in state else 0
 
 
 class NoScaler:

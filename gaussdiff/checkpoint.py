@@ -2,26 +2,32 @@
 
     RUN/checkpoints/step0001000/   config.json, model.safetensors, ema_<rate>.safetensors,
                                    state.safetensors, state.json, manifest.json
-    RUN/config.json, RUN/*.safetensors, RUN/state.json   the newest checkpoint's files (hard
-                                   links), so that `gaussdiff.load(RUN)` and `export` work
+    RUN/config.json, RUN/*.safetensors, RUN/state.json   copies of the newest checkpoint's
+                                   files, so that `gaussdiff.load(RUN)` and `export` work
+                                   (copies, not hard links: damage to one leaves the other)
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, then
 manifest.json (each file's size and sha256) last, and the directory is renamed into place: a
 crash or SIGKILL leaves either the complete checkpoint or none. Only then are the run
 directory's top-level files replaced (each by an atomic rename) and checkpoints beyond the
-newest `keep` deleted. On --resume the newest checkpoint whose files match their manifest is
+newest `keep` deleted. Ctrl-C (SIGINT) during all this is held back until the checkpoint, the
+top-level files and the pruning are done, so an interrupted run never keeps more than `keep`
+checkpoints. On --resume the newest checkpoint whose files match their manifest is
 taken; a truncated or corrupt one is reported by name and skipped in favour of the one before.
 Nothing here unpickles anything: weights are safetensors, the rest JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -120,6 +126,28 @@ def write_checkpoint(run_dir: str, step: int, files: Dict[str, object], keep: in
     An OSError (disk full, read-only or vanished run directory) becomes a one-line
     CheckpointError, and the checkpoints already on disk are left as they were.
     """
+    with _sigint_held():
+        return _write_checkpoint(run_dir, step, files, keep, log)
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold a Ctrl-C (SIGINT) back until the block is done, then raise KeyboardInterrupt.
+    Only the main thread can install handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _write_checkpoint(run_dir, step, files, keep, log) -> str:
     root = os.path.join(run_dir, CHECKPOINTS)
     final = os.path.join(root, step_dir_name(step))
     previous = [p for s, p in list_checkpoints(run_dir) if s != step]
@@ -156,9 +184,9 @@ def write_checkpoint(run_dir: str, step: int, files: Dict[str, object], keep: in
     try:
         for name in files:   # state.json last: for older readers it marks a complete set
             if name != STATE_JSON:
-                _replace_with_link(os.path.join(final, name), os.path.join(run_dir, name))
+                _replace_with_copy(os.path.join(final, name), os.path.join(run_dir, name))
         if STATE_JSON in files:
-            _replace_with_link(os.path.join(final, STATE_JSON), os.path.join(run_dir, STATE_JSON))
+            _replace_with_copy(os.path.join(final, STATE_JSON), os.path.join(run_dir, STATE_JSON))
         _fsync_dir(run_dir)
     except OSError as e:
         raise CheckpointError(f"checkpoint {final} was written, but updating the files in "
@@ -169,24 +197,39 @@ def write_checkpoint(run_dir: str, step: int, files: Dict[str, object], keep: in
     return final
 
 
+def refresh_top_level(run_dir: str, checkpoint_dir: str):
+    """Make the run directory's top-level files copies of `checkpoint_dir`'s (the one a resume
+    starts from): a crash between renaming a checkpoint into place and copying its files up
+    leaves them one step behind, and a resumed run that has no step left to train would
+    otherwise never rewrite them."""
+    if os.path.abspath(checkpoint_dir) == os.path.abspath(run_dir):
+        return
+    with _sigint_held():
+        for name in verify(checkpoint_dir)["files"]:
+            src, dst = os.path.join(checkpoint_dir, name), os.path.join(run_dir, name)
+            with open(src, "rb") as f:
+                data = f.read()
+            if os.path.exists(dst):
+                with open(dst, "rb") as f:
+                    if f.read() == data:
+                        continue
+            _replace_with_copy(src, dst)
+
+
 def _describe(e: OSError) -> str:
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
     return f"{e.strerror or e}{where}"
 
 
-def _replace_with_link(src: str, dst: str):
-    """Atomically make `dst` hold the bytes of `src`: a hard link when the filesystem has
-    them, else a copy; either way through a temporary name and a rename."""
+def _replace_with_copy(src: str, dst: str):
+    """Atomically make `dst` a copy of `src`, through a temporary name and a rename."""
     d = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(d, f".{os.path.basename(dst)}.{os.getpid()}.link")
+    tmp = os.path.join(d, f".{os.path.basename(dst)}.{os.getpid()}.copy")
     if os.path.lexists(tmp):
         os.unlink(tmp)
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            with open(src, "rb") as f:
-                write_file(tmp, f.read())
+        with open(src, "rb") as f:
+            write_file(tmp, f.read())
         os.replace(tmp, dst)
     except BaseException:
         if os.path.lexists(tmp):

@@ -161,9 +161,16 @@ def cmd_train(args):
         from .train_eval import inherit_eval_options
         inherit_eval_options(opts, given, args.out)
     dist, device = setup(args.device)   # torchrun: a process group; else one process
+    created = not os.path.exists(args.out)
     try:
-        trainer = Trainer(opts, args.out, resume=args.resume, device=device,
-                          progress=not args.no_progress, dist=dist)
+        try:
+            trainer = Trainer(opts, args.out, resume=args.resume, device=device,
+                              progress=not args.no_progress, dist=dist)
+        except BaseException:   # a set-up error leaves no empty run directory behind
+            if created and dist.is_main and os.path.isdir(args.out):
+                import shutil
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
         trainer.run()
     finally:
         cleanup()
@@ -246,9 +253,12 @@ def cmd_sample(args):
     if [args.model, args.cascade, args.ensemble].count(None) != 2:
         raise UsageError("give a MODEL directory, --ensemble MODEL_A:MODEL_B:K or --cascade "
                          "BASE_DIR UPSAMPLER_DIR (one of them)")
-    for path in (args.out, args.grid):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UsageError(f"{path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
+    from .modeldir import check_output_file
+    for flag, path in (("--out", args.out), ("--grid", args.grid)):
+        if path:
+            check_output_file(path, flag)
+    if args.out and args.grid and os.path.abspath(args.out) == os.path.abspath(args.grid):
+        raise UsageError(f"--out and --grid name the same file {args.out}")
     dist, device = setup(args.device)   # torchrun: rank r draws its share of the indices
     try:
         _sample(args, dist, device)

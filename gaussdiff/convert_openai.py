@@ -170,9 +170,16 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # UnpicklingError (code refused), RuntimeError (not a checkpoint) ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"{path}: not a loadable tensors-only checkpoint (torch.load with "
-                         f"weights_only=True refused it: {first[:200]})") from None
+        # torch's message goes on to advise weights_only=False, i.e. running the file's code:
+        # never pass that on; say what was refused instead
+        text = str(e)
+        detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+        detail = " ".join(detail.split()) or (text.strip().splitlines() or [type(e).__name__])[0]
+        if "weights_only" in detail:
+            detail = type(e).__name__
+        raise UsageError(f"{path}: not a tensors-only PyTorch checkpoint, refused by the safe "
+                         f"loader ({detail[:120]}); convert-openai reads plain state dicts of "
+                         f"tensors, as the OpenAI training scripts save them") from None
     if not isinstance(state, dict) or not state:
         raise UsageError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}")
     bad = next((k for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))), None)

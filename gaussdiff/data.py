@@ -171,8 +171,10 @@ def read_image(path, channels: Optional[int], size: Optional[int],
     return arr.reshape(arr.shape[0], arr.shape[1], channels)
 
 
-def load_image_folder(root: str, channels: int = 3, size: Optional[int] = None,
+def load_image_folder(root: str, channels: Optional[int] = None, size: Optional[int] = None,
                       class_cond: bool = False, skip_bad: bool = False) -> ImageDataset:
+    """The images under `root` (recursive). channels None: 1 if every image is greyscale, else
+    3 (greyscale images among colour ones become RGB by repeating their channel)."""
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -191,6 +193,8 @@ def load_image_folder(root: str, channels: int = 3, size: Optional[int] = None,
             bad.append(path)
     if not images:
         raise UsageError(f"{root}: every image was unreadable")
+    if channels is None and len({im.shape[-1] for im in images}) > 1:
+        images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise UsageError(f"{root}: images have mixed sizes {sorted(shapes)[:3]}: pass --image-size to resize")
@@ -202,6 +206,11 @@ def load_image_folder(root: str, channels: int = 3, size: Optional[int] = None,
     ds = ImageDataset(np.stack(images), labels, names, os.path.basename(os.path.normpath(root)))
     ds.skipped, ds.skipped_files = len(bad), bad
     return ds
+
+
+def is_image_folder(spec: str) -> bool:
+    """Whether `load_dataset` reads `spec` as a folder of image files (not IDX files)."""
+    return os.path.isdir(spec) and not any("idx3-ubyte" in f for f in os.listdir(spec))
 
 
 def load_dataset(spec: str, split: str = "train", channels: Optional[int] = None,
@@ -220,11 +229,10 @@ def load_dataset(spec: str, split: str = "train", channels: Optional[int] = None
     elif is_edm_dataset(spec):   # NVlabs/edm's zip or folder with dataset.json
         ds = load_edm(spec, channels, image_size, skip_bad)
     elif os.path.isdir(spec):
-        idx = [f for f in os.listdir(spec) if "idx3-ubyte" in f]
-        if idx:
-            ds = load_fashion_mnist(spec, split)
+        if is_image_folder(spec):
+            ds = load_image_folder(spec, channels, image_size, class_cond, skip_bad)
         else:
-            ds = load_image_folder(spec, channels or 3, image_size, class_cond, skip_bad)
+            ds = load_fashion_mnist(spec, split)
     else:
         raise UsageError(f"unknown dataset {spec!r}: give fashion-mnist, mnist5k, an image folder, "
                          f"an .npz file or an EDM-layout .zip")

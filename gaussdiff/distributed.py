@@ -1,7 +1,7 @@
 """Several processes, one run: training and sampling under `torchrun` (PyTorch's own engine).
 
     torchrun --nproc_per_node 2 -m gaussdiff train --preset fashion-small --out runs/r
-    torchrun --nproc_per_node 2 -m gaussdiff sample runs/r --num 10000 --out s.npz
+    torchrun --nproc_per_node 2 -m gaussdiff sample runs/r --num-samples 10000 --out s.npz
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR, MASTER_PORT); `setup` reads
 them and starts a process group: nccl when the process drives a CUDA device (cuda:LOCAL_RANK),

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
+from .validate import check_sampling_numbers
 
 TEMPERATURE_MODES = ("noise", "eps")
 GRAD_AT = ("x_t", "mean")
@@ -212,8 +213,8 @@ class Guidance:
         if self.temperature_mode not in TEMPERATURE_MODES:
             raise UsageError(f"unknown temperature mode {self.temperature_mode!r}: choose one of "
                              f"{', '.join(TEMPERATURE_MODES)}")
-        if not self.temperature > 0:
-            raise UsageError(f"--temperature must be positive, got {self.temperature}")
+        check_sampling_numbers(cfg_scale=self.cfg_scale, temperature=self.temperature,
+                               classifier_scale=self.classifier_scale)
         if self.cfg_interval is not None:
             lo, hi = self.cfg_interval
             if not 0 <= lo <= hi:

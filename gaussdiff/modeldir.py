@@ -20,6 +20,7 @@ from .diffusion import GaussianDiffusion, make_diffusion
 from .errors import UsageError
 from .nn.unet import UNetConfig, UNetModel
 from .samplers import SAMPLERS, NFECounter
+from .validate import check_sampling_numbers
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -36,10 +37,26 @@ def ema_name(rate: float) -> str:
     return f"ema_{rate}.safetensors"
 
 
-def atomic_write_bytes(path: str, data: bytes):
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+def check_output_file(path: str, flag: str):
+    """A UsageError unless `path` can name a new or existing file: its directory exists and it
+    is not itself a directory. For output flags, checked before any work starts."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    if not os.path.isdir(d):
+        raise UsageError(f"{flag} {path}: directory {d} does not exist")
+
+
+def atomic_write_bytes(path: str, data: bytes):
+    """Write to a temporary file in the same directory, fsync, then rename over `path`.
+    An OSError names `path`, never the hidden temporary file."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory; give a file name")
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -49,9 +66,11 @@ def atomic_write_bytes(path: str, data: bytes):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
@@ -140,6 +159,11 @@ def load_state_into(model: torch.nn.Module, path: str):
         what = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                 else f"shape mismatch at {bad_shape[:3]}")
         raise UsageError(f"{path}: weights do not match config.json ({what})")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise UsageError(f"{path}: {len(broken)} weight tensor(s) hold NaN or inf (first: "
+                         f"{broken[0]}): the file is damaged or the run diverged; use another "
+                         f"checkpoint or EMA")
     model.load_state_dict(state)
 
 
@@ -180,7 +204,8 @@ class Pipeline:
         return task_of(self.config)["type"]
 
     def respaced(self, steps) -> GaussianDiffusion:
-        """This model's diffusion respaced to `steps` (an int, "ddimN", "a,b,c" or a list)."""
+        """This model's diffusion respaced to `steps` (an int, "ddimN", "a,b,c" or a list of
+        section counts, as improved-diffusion reads one)."""
         spacing = steps if not isinstance(steps, int) else str(steps)
         return make_diffusion(respacing=spacing, **self.config["diffusion"])
 
@@ -252,6 +277,7 @@ class Pipeline:
         from .data import to_uint8
         from .rng import per_sample_generators
         options = dict(eta=eta, churn=churn, tmin=tmin, tmax=tmax, snoise=snoise, rtol=rtol, atol=atol)
+        check_sampling_numbers(rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, **options)
         options = {k: v for k, v in options.items() if v is not None}
         if sampler in ("ddpm", "ddim"):
             if self.config.get("precond"):
@@ -307,6 +333,10 @@ class Pipeline:
             noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
             batch_stats = {}
             x = run(noise, kwargs, gens, batch_stats)
+            if not torch.isfinite(x).all():   # never let NaN become black images on disk
+                raise UsageError(f"{self.path or 'the model'}: the {sampler} sampler produced "
+                                 f"NaN or infinite values (images {idx.start}..{idx.stop - 1}); "
+                                 f"nothing was written: check the sampler options and the weights")
             nfe.append(batch_stats["nfe"])
             out.append(to_uint8(x))
             bar.update(len(idx))

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .errors import UsageError
 from .rng import Generator, randn_like
 from .schedules import VPODE
 
@@ -236,7 +237,8 @@ def adaptive(denoiser, x, sigmas, *, generator: Generator = None, callback=None,
     i = 0
     while not done.all():
         if D.counter.nfe >= max_nfe:
-            raise RuntimeError(f"adaptive sampler: no convergence within {max_nfe} NFE")
+            raise UsageError(f"adaptive sampler: no convergence within {max_nfe} network "
+                             f"evaluations: loosen --rtol/--atol (defaults 0.05, 0.0078)")
         h = torch.where(done, torch.zeros_like(h), torch.maximum(h, s_end - s))
         denoised = D(x, s.exp())
         k1 = x - denoised                                            # dx/ds at (x, s)

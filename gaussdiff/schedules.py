@@ -59,13 +59,17 @@ def space_timesteps(num_steps: int, spacing: Union[str, Iterable[int]]) -> list:
     """The sorted subset of range(num_steps) to keep when respacing.
 
     `spacing` is "250" or "10,15,20" (per-section counts, improved-diffusion's algorithm),
-    "ddimN" (an even stride giving exactly N steps), or an explicit iterable of indices.
+    "ddimN" (an even stride giving exactly N steps), or a list or tuple of ints, read as
+    section counts exactly as improved-diffusion reads it ([20, 5, 30] is "20,5,30", 58
+    steps). Explicit indices are not a spacing: pass them as `GaussianDiffusion(timesteps=...)`.
     """
     if not isinstance(spacing, str):
-        steps = sorted(set(int(s) for s in spacing))
-        if not steps or steps[0] < 0 or steps[-1] >= num_steps:
-            raise UsageError(f"respaced timesteps must lie in [0, {num_steps}), got {spacing!r}")
-        return steps
+        counts = list(spacing)
+        if not counts or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                                 for c in counts):
+            raise UsageError(f"bad respacing {spacing!r}: a list means per-section step counts "
+                             f"(integers), as in improved-diffusion")
+        spacing = ",".join(str(int(c)) for c in counts)
     spacing = spacing.strip()
     if spacing.startswith("ddim"):
         try:
@@ -96,6 +100,7 @@ def space_timesteps(num_steps: int, spacing: Union[str, Iterable[int]]) -> list:
             cur += stride
         start += size
     return sorted(set(steps))
+
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,12 +16,13 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .data import BatchSampler, ImageDataset, load_dataset, to_model_range
+from .data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range
 from .diffusion import make_diffusion
 from .errors import UsageError
 from .augment import AUGMENT_DIM, AugmentPipe
 from .amp import Autocast, make_scaler, resolve_precision
-from .checkpoint import check_finite, holds_run, select_checkpoint, trim_log, write_checkpoint
+from .checkpoint import (check_finite, holds_run, refresh_top_level, select_checkpoint, trim_log,
+                         write_checkpoint)
 from .guard import BadStepGuard, all_finite
 from .validate import check_train_options
 from .distributed import DistInfo, all_gather_cat, barrier, current, rank_seed, shard
@@ -166,6 +167,11 @@ class Trainer:
         if getattr(self.data, "skipped", 0):
             print(f"--skip-bad-images: skipped {self.data.skipped} unreadable images "
                   f"(first: {self.data.skipped_files[0]})", file=sys.stderr)
+        n, h, w, c = self.data.images.shape   # said once set-up has succeeded (end of __init__)
+        data_note = None   # an image folder's channel count is the data's: say which it took
+        if not o["channels"] and is_image_folder(o["data"]):
+            data_note = (f"data {o['data']}: {n} images of {h}x{w}, {c} channel"
+                         f"{'s' if c > 1 else ''} (from the images; --channels sets it)")
         o["image_size"] = o["image_size"] or self.data.images.shape[1]
         o["channels"] = o["channels"] or self.data.images.shape[3]
         o["num_classes"] = self.data.num_classes if o["class_cond"] else None
@@ -222,6 +228,8 @@ class Trainer:
         elif self.dist.is_main:   # a run that crashed before its first checkpoint: a fresh log
             trim_log(os.path.join(out_dir, "log.jsonl"), 0)
         self.build_forward()
+        if data_note and self.dist.is_main and not resume:
+            print(data_note, file=sys.stderr)
 
     def network_config(self, o: dict, out_channels: int):
         """The network's config.json "model" section, as a dataclass."""
@@ -292,6 +300,7 @@ class Trainer:
         self.step, self.guard.total = int(state_json["step"]), int(state_json.get("bad_steps", 0))
         if self.dist.is_main:   # the log's records of the lost steps: they are about to be redone
             trim_log(os.path.join(self.out_dir, "log.jsonl"), self.step)
+            refresh_top_level(self.out_dir, d)
         load_state_into(self.model, os.path.join(d, WEIGHTS_NAME))
         for r in self.ema_rates:
             shadow = load_tensors(os.path.join(d, ema_name(r)))

@@ -141,9 +141,74 @@ def check_train_options(o: dict):
         v = o.get(key)
         if v is not None and (not _is_number(v) or v < 0):
             raise UsageError(f"{flag(key)} must be a finite number >= 0, got {_describe(v)}")
+    if o.get("loss") == "hybrid" and o.get("objective", "ddpm") == "ddpm" and \
+            o.get("var_type") not in ("learned", "learned_range"):
+        raise UsageError(f"--loss hybrid trains a learned variance: it needs --var-type learned or "
+                         f"learned_range, got {o.get('var_type')} (for a fixed variance use --loss mse)")
     if o.get("channels") is not None and o["channels"] not in (1, 3):
         raise UsageError(f"--channels must be 1 or 3, got {o['channels']}")
     for key in ("num_heads",):
         v = o.get(key)
         if v is not None and _is_int(v) and v < 1:
             raise UsageError(f"{flag(key)} must be at least 1, got {v}")
+
+
+# --------------------------------------------------------------------------- sampling numbers
+def _bad(flag: str, value, allowed: str) -> UsageError:
+    return UsageError(f"{flag} {_describe(value)}: must be {allowed}")
+
+
+def check_sampling_numbers(*, eta=None, churn=None, tmin=None, tmax=None, snoise=None, rho=None,
+                           sigma_min=None, sigma_max=None, rtol=None, atol=None, cfg_scale=None,
+                           classifier_scale=None, temperature=None):
+    """Range-check the numeric sampling options before anything runs, so that a value that
+    would make the samples NaN (η = 5, S_churn < 0, a NaN guidance scale) or crash deep in a
+    sampler (ρ = 0, zero tolerances) is one line naming the flag and the allowed range.
+    None means "not given". Flags are named as on the command line."""
+    def number(flag, v):
+        if not _is_number(v):
+            raise _bad(flag, v, "a finite number")
+
+    if eta is not None:
+        number("--eta", eta)
+        if not 0 <= eta <= 1:
+            raise _bad("--eta", eta, "in [0, 1] (0: deterministic DDIM, 1: ancestral; larger "
+                                     "values ask for more noise than the step removes)")
+    for flag, v in (("--churn", churn), ("--snoise", snoise), ("--tmin", tmin)):
+        if v is not None:
+            number(flag, v)
+            if v < 0:
+                raise _bad(flag, v, ">= 0")
+    if tmax is not None:
+        if not (isinstance(tmax, (int, float)) and not isinstance(tmax, bool)) or math.isnan(tmax) or tmax < 0:
+            raise _bad("--tmax", tmax, ">= 0 (inf: no upper limit)")
+    if tmin is not None and tmax is not None and tmin > tmax:
+        raise UsageError(f"--tmin {tmin} is above --tmax {tmax}: churn would never apply; "
+                         f"give tmin <= tmax")
+    if rho is not None:
+        number("--rho", rho)
+        if rho <= 0:
+            raise _bad("--rho", rho, "positive (EDM: 7)")
+    for flag, v in (("--sigma-min", sigma_min), ("--sigma-max", sigma_max)):
+        if v is not None:
+            number(flag, v)
+            if v <= 0:
+                raise _bad(flag, v, "positive")
+    if sigma_min is not None and sigma_max is not None and sigma_min >= sigma_max:
+        raise UsageError(f"--sigma-min {sigma_min} must be below --sigma-max {sigma_max}")
+    for flag, v in (("--rtol", rtol), ("--atol", atol)):
+        if v is not None:
+            number(flag, v)
+            if v < 0:
+                raise _bad(flag, v, ">= 0")
+    if (rtol is not None or atol is not None) and \
+            (0.05 if rtol is None else rtol) + (0.0078 if atol is None else atol) < 1e-6:
+        raise UsageError(f"--rtol {rtol} and --atol {atol}: the adaptive sampler needs a tolerance "
+                         f"(rtol + atol >= 1e-6; defaults 0.05 and 0.0078)")
+    for flag, v in (("--cfg-scale", cfg_scale), ("--classifier-scale", classifier_scale)):
+        if v is not None:
+            number(flag, v)
+    if temperature is not None:
+        number("--temperature", temperature)
+        if temperature <= 0:
+            raise _bad("--temperature", temperature, "positive (1: off)")

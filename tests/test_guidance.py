@@ -454,3 +454,35 @@ def test_cli_train_classifier_and_guided_sampling(dirs, tmp_path, capsys):
         assert len(err) == 1 and word in err[0], err
     assert cli_main(["sample", dirs["plain"], "--cfg-scale", "2", "--out", out, "--device", "cpu"]) == 2
     assert "label-dropout" in capsys.readouterr().err
+
+
+def test_noisy_classifier_log_prob_and_sigma_form_from_first_principles(dirs):
+    """The real noisy-classifier path, checked against its definition, not its own output:
+    log_prob is the log-softmax of the encoder's logits at the label (so Σ_y exp = 1 and it is
+    ≤ 0); sigma_log_prob at a discrete level σ_t is log_prob of x_t = x/sqrt(1 + σ_t²) = the
+    VP-scaled input at that very t; and classifier guidance with it raises log p(y | x_t)."""
+    import torch.nn.functional as Fn
+    cls = load_classifier(dirs["cls"], device="cpu")
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 50, 99])
+    logits = cls.model(x_t, t)
+    for y in range(NUM_CLASSES):
+        labels = torch.full((4,), y)
+        torch.testing.assert_close(cls.log_prob(x_t, t, labels), Fn.log_softmax(logits, -1)[:, y])
+    total = sum(cls.log_prob(x_t, t, torch.full((4,), y)).exp() for y in range(NUM_CLASSES))
+    torch.testing.assert_close(total, torch.ones(4))
+    sigma = torch.from_numpy(np.sqrt(1 / cls.alphas_cumprod - 1))[t]
+    x = x_t * (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()        # x = x_t / sqrt(ᾱ_t)
+    torch.testing.assert_close(cls.sigma_log_prob(x.double(), sigma, Y.repeat(2)[:4]).double(),
+                               cls.log_prob(x_t, t, Y.repeat(2)[:4]).double(), rtol=1e-5, atol=1e-5)
+    # one small guided step raises the label's log-probability (the sign of the guidance)
+    D = lambda x, s, y=None: torch.zeros_like(x)   # noqa: E731
+    guided = ClassifierGuidedDenoiser(D, cls.sigma_log_prob, 0.5)
+    s = torch.full((4,), 2.0, dtype=F64)
+    x = x.double()
+    labels = Y.repeat(2)[:4]
+    step = guided(x, s, y=labels)   # = s·σ²·∇ log p, the move of D
+    before = cls.sigma_log_prob(x, s, labels)
+    after = cls.sigma_log_prob(x + step, s, labels)
+    assert (after >= before - 1e-6).all() and float((after - before).sum()) > 1e-4

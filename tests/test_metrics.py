@@ -333,6 +333,46 @@ def test_eval_cli_errors_are_one_line(tmp_path, capsys):
     assert "only 5 images" in capsys.readouterr().err
 
 
+def _nuclear_frechet(f1, f2):
+    """d² between the Gaussians fitted to feature rows f1 [n1, d], f2 [n2, d], computed apart
+    from gaussdiff: with centred A_i (d x n_i), Σ_i = A_i A_iᵀ/(n_i − 1), the eigenvalues of
+    Σ_1Σ_2 are the squared singular values of A_1ᵀA_2/sqrt((n_1 − 1)(n_2 − 1)), so
+    tr (Σ_1^½ Σ_2 Σ_1^½)^½ is that small matrix's nuclear norm: exact for any rank."""
+    f1, f2 = f1.astype(np.float64), f2.astype(np.float64)
+    a1, a2 = (f1 - f1.mean(0)).T, (f2 - f2.mean(0)).T
+    n1, n2 = f1.shape[0] - 1, f2.shape[0] - 1
+    cross = np.linalg.svd(a1.T @ a2 / math.sqrt(n1 * n2), compute_uv=False).sum()
+    return (float(((f1.mean(0) - f2.mean(0)) ** 2).sum()) + (a1 ** 2).sum() / n1
+            + (a2 ** 2).sum() / n2 - 2 * cross)
+
+
+@needs_inception
+def test_evaluate_fid_and_sfid_from_an_independent_pipeline(tmp_path):
+    """evaluate() against a pipeline written here: pool_3 features straight from the TorchScript
+    file ((x − 128)/128 at 299x299, no resize needed), and the Fréchet distance by the nuclear-
+    norm formula above; sFID uses the 2023 spatial features (not the pool ones), so it differs
+    from FID. A dropped mean term or swapped features would not survive this."""
+    from gaussdiff.metrics.evaluate import evaluate
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, size=(10, 8, 8, 3)).astype(np.float32)
+    smooth = torch.nn.functional.interpolate(torch.from_numpy(small).permute(0, 3, 1, 2), size=299,
+                                             mode="bilinear", align_corners=False)
+    images = smooth.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images[5:] = np.clip(images[5:].astype(int) + 40, 0, 255).astype(np.uint8)   # a mean shift
+    samples, reference = images[:5], images[5:]
+    net = torch.jit.load(inception_mod.weights_path(), map_location="cpu").eval()
+    with torch.no_grad():
+        pool = [net((torch.from_numpy(x).permute(0, 3, 1, 2).float() - 128) / 128).numpy()
+                for x in (samples, reference)]
+    spatial = [inception_mod.get_inception("cpu").extract(x, progress=False)["spatial"]
+               for x in (samples, reference)]
+    r = evaluate(samples, reference, ("fid", "sfid"), reference_name="indep",
+                 cache_dir=str(tmp_path), progress=False)["metrics"]
+    assert r["fid"] == pytest.approx(_nuclear_frechet(*pool), rel=1e-4)
+    assert r["sfid"] == pytest.approx(_nuclear_frechet(*spatial), rel=1e-4)
+    assert abs(r["sfid"] - r["fid"]) > 1e-3 * r["fid"]
+
+
 @needs_inception
 def test_eval_cli_inception_fid_sfid_of_identical_sets(tmp_path, capsys):
     """Two images evaluated against the same two images (4 Inception passes): FID = sFID = 0
@@ -406,6 +446,50 @@ def test_nll_library_total_equals_prior_plus_terms_per_image():
     assert r["num_steps"] == 20 and r["per_step"]["t"] == list(range(20))
     t = r["terms"]
     assert r["bpd"]["mean"] == pytest.approx(t["prior"]["mean"] + t["decoder"]["mean"] + t["kl_sum"]["mean"], rel=1e-12)
+
+
+def test_nll_of_a_known_answer_model_is_the_closed_form():
+    """Data: one fixed image x* (every row the same). The ε-model that knows x* exactly,
+    ε(x_t, t) = (x_t − sqrt(ᾱ_t)·x*)/sqrt(1 − ᾱ_t), makes p(x_{t-1} | x_t) the true posterior
+    (fixed_small Σ), so every KL term is 0; the decoder is the discretized Gaussian centred on
+    x* with variance β̃_1 (bins of width 2/255, open edge bins) and the prior is
+    KL(N(sqrt(ᾱ_T)x*, 1 − ᾱ_T) ‖ N(0, 1)): the NLL in bits/dim is their closed form, from scipy.
+    evaluate_nll must hand the model the data in [-1, 1] exactly as x* = 2k/255 − 1."""
+    from scipy.stats import norm
+    from gaussdiff.diffusion import make_diffusion
+    from gaussdiff.metrics.likelihood import evaluate_nll
+    from gaussdiff.modeldir import Pipeline
+    T = 40
+    k = np.array([0, 1, 17, 128, 200, 254, 255, 90, 3, 60, 250, 128, 7, 77, 180, 33], dtype=np.uint8)
+    images = np.repeat(k.reshape(1, 4, 4, 1), 2, axis=0)
+    x_star = torch.from_numpy(k.astype(np.float64) / 127.5 - 1).reshape(1, 1, 4, 4)
+    diffusion = make_diffusion("linear", T, "eps", "fixed_small")
+    abar = torch.from_numpy(diffusion.alphas_cumprod)
+
+    class Exact(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+        def forward(self, x, t):
+            a = abar[t].reshape(-1, 1, 1, 1).to(x.dtype)
+            return (x - a.sqrt() * x_star.to(x.dtype)) / (1 - a).sqrt()
+    config = {"data": {"channels": 1, "image_size": 4}, "model": {"num_classes": None},
+              "diffusion": dict(schedule="linear", steps=T, mean_type="eps", var_type="fixed_small",
+                                loss_type="mse")}
+    pipe = Pipeline(Exact(), diffusion, config)
+    r = evaluate_nll(pipe, images, batch_size=2, progress=False)
+    x = x_star.numpy().ravel()
+    a_T = float(abar[-1])
+    prior = np.mean(0.5 * (-math.log(1 - a_T) + (1 - a_T) + a_T * x ** 2 - 1)) / math.log(2)
+    std = math.sqrt(diffusion.posterior_variance[1])
+    upper = np.where(k.ravel() == 255, 1.0, norm.cdf((x + 1 / 255 - x) / std))
+    lower = np.where(k.ravel() == 0, 0.0, norm.cdf((x - 1 / 255 - x) / std))
+    decoder = np.mean(-np.log(upper - lower)) / math.log(2)
+    assert r["terms"]["kl_sum"]["mean"] == pytest.approx(0, abs=1e-4)
+    assert r["terms"]["prior"]["mean"] == pytest.approx(prior, rel=1e-4, abs=1e-8)
+    assert r["terms"]["decoder"]["mean"] == pytest.approx(decoder, rel=1e-4)
+    assert r["bpd"]["mean"] == pytest.approx(prior + decoder, rel=1e-4, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------- resampler

@@ -131,7 +131,7 @@ def test_sigkill_three_times_then_resume_is_bit_exact(workdir, reference):
     assert_same_run(run, reference)
     assert checkpoint_steps(run) == [STEPS - 1, STEPS]                    # --keep 2
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")]
-    assert not [n for n in os.listdir(run) if n.endswith((".tmp", ".link"))]
+    assert not [n for n in os.listdir(run) if n.endswith((".tmp", ".copy"))]
     ckpt.verify(str(run / "checkpoints" / f"step{STEPS:07d}"))
 
 

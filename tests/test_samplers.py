@@ -303,7 +303,7 @@ def test_sigma_to_t_interpolates_log_sigma():
 
 
 @pytest.mark.parametrize("mean_type, var_type", CASES)
-@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.7, 1.0])
 def test_sigma_space_ddim_equals_core_ddim(mean_type, var_type, eta):
     """DDIM is Euler (η = 0) / ancestral Euler (η > 0) in σ-space of x/sqrt(ᾱ): on the levels of
     a respaced diffusion, σ-space DDIM with the quantized DiscreteDenoiser (clipped like

@@ -145,6 +145,16 @@ def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str
     return arrays | {"_path": path, "_hit": False}
 
 
+def check_images(images: np.ndarray, what: str = "the samples"):
+    """A UsageError for images no metric can mean anything on: non-finite values (a float
+    array), or every pixel of every image the same value (e.g. NaN samples saved as black)."""
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise UsageError(f"{what} hold NaN or infinite values: regenerate them")
+    if images.size and images.min() == images.max():
+        raise UsageError(f"{what}: all {len(images)} images are the constant value "
+                         f"{images.flat[0]} (blank): nothing to evaluate; regenerate them")
+
+
 def evaluate(samples: np.ndarray, reference: np.ndarray, metrics: Iterable[str] = ("fid",),
              reference_name: str = "reference", space: str = "inception", feature_net=None,
              cache_dir: Optional[str] = None, batch_size: int = 50, kid_subset_size: int = 1000,
@@ -165,6 +175,8 @@ def evaluate(samples: np.ndarray, reference: np.ndarray, metrics: Iterable[str] 
                          "(train one with `gaussdiff train-feature-net`)")
     if len(samples) < 2 or len(reference) < 2:
         raise UsageError(f"need at least 2 samples and 2 reference images, got {len(samples)} and {len(reference)}")
+    for what, images in (("the samples", samples), ("the reference", reference)):
+        check_images(images, what)
     cache_dir = default_cache_dir(cache_dir)
     out: Dict[str, float] = {}
     settings: dict = {"space": space}
