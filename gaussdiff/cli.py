@@ -208,7 +208,11 @@ def add_sample_parser(sub):
     a("--label", type=int, help="class label for every image (class-conditional models, or an "
                                 "unconditional one guided by --classifier)")
     a("--ema", default="auto", help="which weights: auto, raw, or an EMA rate like 0.9999")
-    a("--out", help="write an ADM-compatible .npz (uint8 NHWC arr_0, labels arr_1)")
+    a("--out", help="write an ADM-compatible .npz (uint8 NHWC arr_0, labels arr_1); more than "
+                    "--shard-size images are sampled in shards kept in OUT.parts/, so that an "
+                    "interrupted run continues where it stopped when rerun with the same options")
+    a("--shard-size", type=int, default=1000,
+      help="images per shard of a long --out run (1000)")
     a("--grid", help="write a PNG grid")
     a("--device")
     a("--no-progress", action="store_true")
@@ -244,8 +248,8 @@ def _batch_size(text: str):
 def cmd_sample(args):
     from .distributed import cleanup, setup
     from .modeldir import SAMPLER_NAMES
-    if args.num < 1 or (args.batch_size != "auto" and args.batch_size < 1):
-        raise UsageError("--num and --batch-size must be positive")
+    if args.num < 1 or (args.batch_size != "auto" and args.batch_size < 1) or args.shard_size < 1:
+        raise UsageError("--num, --batch-size and --shard-size must be positive")
     if args.sampler not in SAMPLER_NAMES:
         raise UsageError(f"--sampler {args.sampler}: unknown sampler, choose one of {', '.join(SAMPLER_NAMES)}")
     if not args.out and not args.grid:
@@ -300,14 +304,21 @@ def _sample(args, dist, device):
         if dist.is_main:
             print(f"--batch-size auto: {batch_size}")
     stats = {}
-    images, y = pipe.sample(count, args.sampler, steps, eta=args.eta, seed=args.seed,
-                            batch_size=batch_size, labels=labels and labels[part],
-                            progress=not args.no_progress and dist.is_main,
-                            start_index=part.start, sigma_schedule=args.schedule,
-                            rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                            churn=args.churn, tmin=args.tmin, tmax=args.tmax,
-                            snoise=args.snoise, rtol=args.rtol, atol=args.atol,
-                            quantize=args.quantize, stats=stats, guidance=guidance)
+
+    def draw(start, stop, progress):
+        return pipe.sample(stop - start, args.sampler, steps, eta=args.eta, seed=args.seed,
+                           batch_size=batch_size, labels=labels and labels[start:stop],
+                           progress=progress, start_index=start, sigma_schedule=args.schedule,
+                           rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                           churn=args.churn, tmin=args.tmin, tmax=args.tmax,
+                           snoise=args.snoise, rtol=args.rtol, atol=args.atol,
+                           quantize=args.quantize, stats=stats, guidance=guidance)
+    sharded = bool(args.out) and not dist.enabled and args.num > args.shard_size
+    if sharded:
+        from .sharded import sample_in_shards
+        images, y = sample_in_shards(args, draw, stats)
+    else:
+        images, y = draw(part.start, part.stop, not args.no_progress and dist.is_main)
     if dist.enabled:   # rank 0 gathers the parts in index order
         on = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else torch.device("cpu")
         images = all_gather_cat(torch.from_numpy(images).to(on), dist).cpu().numpy()
@@ -318,11 +329,14 @@ def _sample(args, dist, device):
         if not dist.is_main:
             return
     print(f"{args.sampler}: {stats['nfe']} network evaluations per image")
-    if args.out:
-        print(f"wrote {save_npz(args.out, images, y)} ({len(images)} images)")
-    if args.grid:
+    if args.grid:   # first: a failure here leaves no .npz behind
         save_grid(args.grid, images[:256])
         print(f"wrote {args.grid}")
+    if args.out:
+        print(f"wrote {save_npz(args.out, images, y)} ({len(images)} images)")
+        if sharded:
+            from .sharded import finish
+            finish(args)
 
 
 # ------------------------------------------------------------------------------------- export

@@ -46,8 +46,10 @@ def add_interop_parsers(sub):
     p = sub.add_parser(
         "export-torchscript", help="write a model's network as a standalone TorchScript file",
         description="Trace the network of a model directory into a TorchScript file that needs "
-                    "only torch: torch.jit.load(FILE)(x, t[, y][, low_res]). The file carries "
-                    "config.json as an extra file.")
+                    "only torch: torch.jit.load(FILE)(x, t[, y][, low_res]) with t the original "
+                    "timestep index; a σ-space model (trained with --objective edm|vp|ve|iddpm) "
+                    "becomes its denoiser, preconditioning included: FILE(x, sigma[, y][, low_res]) "
+                    "= D(x; σ). The file carries config.json as an extra file.")
     p.add_argument("model", help="model directory (or a classifier directory)")
     p.add_argument("--out", required=True, help="FILE.pt to write")
     p.add_argument("--ema", default="auto", help="which weights: auto, raw, or an EMA rate")

@@ -7,7 +7,14 @@
     out = net(x, t, y, low_res)                  # class-conditional upsampler
 
 x: [B, C, H, W] float32, t: [B] ORIGINAL timestep indices (long, or float for fractional ones),
-as `gaussdiff.load(DIR).model` takes them. The file also carries the model directory's
+as `gaussdiff.load(DIR).model` takes them (discrete-time models and noisy classifiers).
+
+A model trained in σ-space (config.json has "precond": `train --objective edm|vp|ve|iddpm`) is
+exported as its denoiser, preconditioning included, the function a user samples with:
+
+    D = net(x, sigma[, y][, low_res])           # x = x_0 + σ·n, sigma: [B] float32 noise levels
+
+i.e. D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)) (EDM eq. 7), not the bare F. The file also carries the model directory's
 config.json (`torch.jit.load(path, _extra_files={"config.json": ""})`), so the diffusion
 settings travel with the network. ONNX export is not offered: the onnx package is not a
 dependency of gaussdiff. (torch 2.x marks TorchScript deprecated in favour of torch.export; the
@@ -67,9 +74,13 @@ def export_torchscript(model_dir: str, out: str, ema="auto") -> str:
         model = load_classifier(model_dir, device="cpu", ema=ema).model
     else:
         from .modeldir import load
-        model = load(model_dir, device="cpu", ema=ema).model
+        pipe = load(model_dir, device="cpu", ema=ema)
+        # σ-space: the denoiser D(x; σ); the bare network would take c_noise, not σ
+        model = pipe.denoiser if cfg.get("precond") else pipe.model
     model = model.float().eval()
     inputs, names = example_inputs(cfg)
+    if cfg.get("precond"):
+        inputs[1] = torch.exp(torch.randn(len(inputs[0]), generator=torch.Generator().manual_seed(1)))
     wrapped = PositionalModel(model, names).eval()
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():

@@ -175,8 +175,25 @@ def write_results(out_dir: str, state: dict):
     atomic_write_bytes(os.path.join(out_dir, CSV_NAME), buf.getvalue().encode())
 
 
+def thin_ticks(values, min_ratio: float = 1.15) -> list:
+    """The sorted values, dropping each that lies within a factor min_ratio of the last kept
+    one, so that tick labels on a log axis do not run into each other (19 and 20 would print
+    as "1920")."""
+    kept = []
+    for v in sorted(set(values)):
+        if not kept or v >= kept[-1] * min_ratio:
+            kept.append(v)
+    return kept
+
+
+def _legend_label(sampler: str) -> str:
+    a, b = NFE_FORMULA.get(sampler, (1, 0))
+    return f"{sampler} (NFE = 2N−1: odd only)" if (a, b) == (2, -1) else sampler
+
+
 def plot_sweep(points, out: str, title: str = ""):
-    """Each metric against NFE (log x axis), one line per sampler, one panel per metric."""
+    """Each metric against NFE (log x axis), one line per sampler, one panel per metric. Points
+    sit at the NFE a sampler actually used (heun cannot make an even NFE: its legend says so)."""
     from .plot import new_figure, save_figure
     rows = csv_rows(points)
     metrics = sorted({r["metric"] for r in rows})
@@ -186,9 +203,9 @@ def plot_sweep(points, out: str, title: str = ""):
             pts = sorted((r["nfe"], r["value"]) for r in rows
                          if r["metric"] == metric and r["sampler"] == sampler)
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=sampler)
+                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=_legend_label(sampler))
         ax.set_xscale("log")
-        nfes = sorted({r["nfe"] for r in rows if r["metric"] == metric})
+        nfes = thin_ticks(r["nfe"] for r in rows if r["metric"] == metric)
         ax.set_xticks(nfes, [str(n) for n in nfes])   # the NFE values, not powers of ten
         ax.minorticks_off()
         ax.set_xlabel("NFE (network evaluations per image)")

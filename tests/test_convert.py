@@ -378,3 +378,27 @@ def test_export_torchscript_reproduces_the_network(name, tmp_path, capsys):
         kw["low_res"] = args[-1]
     with torch.no_grad():
         assert (net(*args) - model(x, t, **kw)).abs().max() < 1e-5
+
+
+def test_export_torchscript_of_a_sigma_space_model_is_its_denoiser(tmp_path):
+    """A σ-space model (config "precond") exports D(x; σ) with its preconditioning, the
+    function its samplers call: the file's output equals gaussdiff.load(DIR).denoiser(x, σ),
+    and is not the bare network's output."""
+    import gaussdiff
+    from gaussdiff.modeldir import CONFIG_NAME, atomic_write_json, read_config
+    from guided_models import make_model_dir
+    d = make_model_dir(tmp_path / "edm", num_classes=None, var_type="fixed_small")
+    cfg = read_config(d)
+    cfg["precond"] = {"type": "edm", "sigma_data": 0.5}
+    atomic_write_json(os.path.join(d, CONFIG_NAME), cfg)
+    out = tmp_path / "d.pt"
+    assert main(["export-torchscript", d, "--out", str(out)]) == 0
+    net = torch.jit.load(str(out))
+    pipe = gaussdiff.load(d, device="cpu")
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    sigma = torch.tensor([0.02, 1.0, 40.0])
+    with torch.no_grad():
+        ref = pipe.denoiser(x, sigma)
+        got = net(x, sigma)
+        assert (got - ref).abs().max() < 1e-5
+        assert (got - pipe.model(x, sigma)).abs().max() > 1e-3

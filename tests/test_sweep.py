@@ -183,3 +183,13 @@ def test_train_eval_sigma_space_default_is_heun_18(setup, tmp_path):
                  *SMALL, "--eval-every", "1", "--eval-samples", "3", "--eval-feature-net", setup["net"]]) == 0
     ev = [r for r in _log(run) if "eval_fd_toy" in r]
     assert [(r["step"], r["eval_nfe"]) for r in ev] == [(1, 35)] and np.isfinite(ev[0]["eval_fd_toy"])
+
+
+def test_tick_labels_never_crowd_and_heun_says_odd_nfe():
+    """NFE 19 and 20 on one log axis keep one tick (labels would print as "1920"); heun's legend
+    says it makes only odd NFE (N steps, 2N − 1 evaluations)."""
+    from gaussdiff.sweep import _legend_label, thin_ticks
+    assert thin_ticks([20, 19, 10, 9, 35, 50, 100]) == [9, 19, 35, 50, 100]
+    ticks = thin_ticks(range(1, 200))
+    assert all(b / a >= 1.15 for a, b in zip(ticks, ticks[1:]))
+    assert "odd" in _legend_label("heun") and _legend_label("dpmpp_2m") == "dpmpp_2m"
