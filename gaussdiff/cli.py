@@ -98,6 +98,9 @@ def add_train_parser(sub):
     g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm (0: off)")
     g.add_argument("--ema", help="EMA rates, comma-separated, e.g. 0.9999,0.999")
+    g.add_argument("--ema-warmup", type=_bool, metavar="BOOL",
+                   help="EMA rate min(r, (1+n)/(10+n)) at step n, so that short runs do not "
+                        "average in the random initial weights (false, as DDPM/ADM)")
     g.add_argument("--steps", type=int, help="total optimisation steps")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("logging")
@@ -365,6 +368,33 @@ def cmd_export(args):
     save_tensors(os.path.join(args.out, WEIGHTS_NAME), pipe.model.state_dict())
     atomic_write_json(os.path.join(args.out, CONFIG_NAME), cfg)
     print(f"wrote {args.out}")
+    warning = ema_init_share_warning(args.run, ema)
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+def ema_init_share_warning(run: str, ema) -> str:
+    """A warning when the exported EMA still holds more than 1% of the random initial
+    weights (r^steps, without --ema-warmup): the exported model would be partly untrained."""
+    import json
+    from .modeldir import read_config, weights_path
+    path = weights_path(run, read_config(run), ema)
+    name = os.path.basename(path)
+    if not name.startswith("ema_") or not os.path.exists(os.path.join(run, "state.json")):
+        return ""
+    with open(os.path.join(run, "state.json")) as f:
+        steps = int(json.load(f).get("step", 0))
+    rate = float(name[len("ema_"):-len(".safetensors")])
+    if read_config(run).get("training", {}).get("ema_warmup"):
+        return ""
+    share = rate ** steps
+    if share <= 0.01:
+        return ""
+    import math
+    needed = math.ceil(math.log(0.01) / math.log(rate))
+    return (f"warning: the EMA {rate:g} of step {steps} still holds {share:.0%} of the random "
+            f"initial weights ({rate:g}^{steps}); train to step {needed:,} for 1%, export "
+            f"--ema raw, or train with --ema-warmup true")
 
 
 # ------------------------------------------------------------------------------------- plot

@@ -42,7 +42,7 @@ DEFAULTS = dict(
     resblock_updown=False, norm_groups=32, schedule="linear", diffusion_steps=1000,
     mean_type="eps", var_type="fixed_small", loss="mse", hybrid_lambda=0.001,
     vb_stop_grad=True, batch_size=64, lr=1e-4, weight_decay=0.0, warmup=0, grad_clip=0.0,
-    ema="0.9999", steps=1000, save_every=1000, sample_every=1000, log_every=50, seed=0,
+    ema="0.9999", ema_warmup=False, steps=1000, save_every=1000, sample_every=1000, log_every=50, seed=0,
     flip=False, sample_steps=50, sample_num=64, skip_bad_images=False,
     objective="ddpm", sigma_data=0.5, p_mean=-1.2, p_std=1.2, p2_gamma=0.0, p2_k=1.0,
     min_snr_gamma=0.0, augment=0.0,
@@ -116,17 +116,29 @@ def diffusion_config(o: dict) -> dict:
 
 
 class EMA:
-    """Exponential moving averages of the parameters at several rates (fp32 shadows)."""
+    """Exponential moving averages of the parameters at several rates (fp32 shadows).
 
-    def __init__(self, model: torch.nn.Module, rates: List[float]):
-        self.rates = rates
+    After n updates at rate r the average still holds r^n of the initial (random) weights:
+    22% for r = 0.999 after 1,500 steps, 86% for r = 0.9999. warmup=True uses the rate
+    min(r, (1 + n)/(10 + n)) at update n (TensorFlow's ExponentialMovingAverage with
+    num_updates), so that a short run's average is of trained weights; off by default, as in
+    DDPM and ADM."""
+
+    def __init__(self, model: torch.nn.Module, rates: List[float], warmup: bool = False):
+        self.rates, self.warmup = rates, bool(warmup)
         self.shadows = {r: {k: v.detach().clone().float() for k, v in model.state_dict().items()}
                         for r in rates}
 
+    def rate_at(self, r: float, n: int) -> float:
+        """The rate of update n (0-based)."""
+        return min(r, (1 + n) / (10 + n)) if self.warmup else r
+
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, n: int = 0):
+        """One update with the model's current weights; n: how many came before (warm-up)."""
         state = model.state_dict()
-        for r, shadow in self.shadows.items():
+        for rate, shadow in self.shadows.items():
+            r = self.rate_at(rate, n)
             for k, v in state.items():
                 if v.dtype.is_floating_point:
                     shadow[k].mul_(r).add_(v.detach().float(), alpha=1 - r)
@@ -213,7 +225,7 @@ class Trainer:
             self.model.set_grad_checkpointing(True)
         self.denoiser = make_precond(self.config["precond"], self.model) if sigma_space else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-        self.ema = EMA(self.model, self.ema_rates)
+        self.ema = EMA(self.model, self.ema_rates, o.get("ema_warmup", False))
         self.sampler = BatchSampler(len(self.data), o["batch_size"], o["seed"])
         self.gen = torch.Generator().manual_seed(o["seed"] + 1)  # timesteps, noise, flips
         self.images = torch.from_numpy(self.data.images)         # uint8 NHWC, in memory
@@ -408,7 +420,7 @@ class Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step)
             self.opt.step()
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step)
         # an fp16 overflow while the loss scale can still drop does not count towards the stop
         recoverable = self.scaler.scale > getattr(self.scaler, "min_scale", float("inf"))
         self.scaler.update(finite)   # fp16: halve the scale and skip the step on overflow

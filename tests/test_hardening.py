@@ -287,3 +287,42 @@ def test_sharded_sampling_resumes_after_an_interruption(dirs, tmp_path, capsys, 
     with np.load(ref) as a, np.load(out) as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
     assert not (tmp_path / "cut.npz.parts").exists()
+
+
+# ----------------------------------------------------------------------------- EMA
+def test_ema_warmup_rate_and_initial_weight_share():
+    """EMA: without warm-up, after n updates the average holds exactly r^n of the initial
+    weights; with warm-up the rate of update k is min(r, (1+k)/(10+k)), so the initial share is
+    Π_k min(r, (1+k)/(10+k)) — computed here from that product, in float64."""
+    from gaussdiff.train import EMA
+    w = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        w.weight.fill_(1.0)
+    plain, warm = EMA(w, [0.99]), EMA(w, [0.99], warmup=True)
+    for e in (plain, warm):   # double shadows, so that the products compare to round-off
+        e.shadows = {r: {k: v.double() for k, v in s.items()} for r, s in e.shadows.items()}
+    with torch.no_grad():
+        w.weight.fill_(0.0)   # trained weights 0: the shadow is the initial weight's share
+    for n in range(50):
+        plain.update(w, n)
+        warm.update(w, n)
+    assert float(plain.shadows[0.99]["weight"]) == pytest.approx(0.99 ** 50, rel=1e-12)
+    expected = math.prod(min(0.99, (1 + k) / (10 + k)) for k in range(50))
+    assert float(warm.shadows[0.99]["weight"]) == pytest.approx(expected, rel=1e-12)
+    assert expected < 1e-9 and 0.99 ** 50 > 0.6   # warm-up forgets the start far faster
+
+
+def test_export_warns_about_an_ema_that_is_mostly_initial_weights(tmp_path, capsys):
+    """export --ema 0.999 of a 6-step run: 0.999^6 = 99% of the weights are the initial ones;
+    one warning line says so and how to avoid it; --ema raw gives none."""
+    from cli_helpers import TINY, make_npz
+    data = make_npz(tmp_path / "d.npz")
+    args = [a if a != "0.9,0.99" else "0.999" for a in TINY]
+    i = args.index("--save-every")
+    args[i + 1] = "6"
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "6", *args]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "m"), "--ema", "0.999"]) == 0
+    one_line(capsys.readouterr().err, "99%", "0.999^6", "--ema-warmup")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "m2"), "--ema", "raw"]) == 0
+    assert capsys.readouterr().err == ""
