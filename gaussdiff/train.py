@@ -115,6 +115,16 @@ def diffusion_config(o: dict) -> dict:
                 p2_k=o.get("p2_k", 1.0), min_snr_gamma=o.get("min_snr_gamma", 0.0))
 
 
+def make_adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel (one pass over all parameters: 5x faster than the
+    per-tensor loop for 35.7M parameters, bench/optimizer.py), the foreach one where a build
+    has no fused kernel. Same algorithm and state dict, so checkpoints resume either way."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class EMA:
     """Exponential moving averages of the parameters at several rates (fp32 shadows).
 
@@ -137,12 +147,15 @@ class EMA:
     def update(self, model, n: int = 0):
         """One update with the model's current weights; n: how many came before (warm-up)."""
         state = model.state_dict()
+        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+        values = [state[k].detach() for k in floats]
         for rate, shadow in self.shadows.items():
             r = self.rate_at(rate, n)
+            targets = [shadow[k] for k in floats]   # fp32 shadows (half-precision weights cast up)
+            # shadow + (1 − r)·(v − shadow) = r·shadow + (1 − r)·v, one fused pass
+            torch._foreach_lerp_(targets, [v.to(t.dtype) for v, t in zip(values, targets)], 1 - r)
             for k, v in state.items():
-                if v.dtype.is_floating_point:
-                    shadow[k].mul_(r).add_(v.detach().float(), alpha=1 - r)
-                else:
+                if not v.dtype.is_floating_point:
                     shadow[k].copy_(v)
 
 
@@ -224,7 +237,7 @@ class Trainer:
         if o.get("grad_checkpoint"):
             self.model.set_grad_checkpointing(True)
         self.denoiser = make_precond(self.config["precond"], self.model) if sigma_space else None
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        self.opt = make_adamw(self.model.parameters(), o["lr"], o["weight_decay"])
         self.ema = EMA(self.model, self.ema_rates, o.get("ema_warmup", False))
         self.sampler = BatchSampler(len(self.data), o["batch_size"], o["seed"])
         self.gen = torch.Generator().manual_seed(o["seed"] + 1)  # timesteps, noise, flips
