@@ -23,7 +23,7 @@ back to fp32, with a warning, for one it does not, unless forced.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -46,14 +46,26 @@ def cpu_supports(precision: str) -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: torch.device, force: bool = False) -> str:
-    """The precision to train in: `precision`; on a CPU without native support for that half
-    precision, fp32 with a warning on stderr, unless `force`."""
+def native_bf16(device) -> bool:
+    """Whether `device` runs bf16 natively: a CPU with AVX512-BF16/AMX, a CUDA GPU with bf16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_supports("bf16")
+
+
+def resolve_precision(precision: str, device: torch.device, force: bool = False,
+                      what: str = "training") -> str:
+    """The precision to run in: `precision`; "auto" is bf16 where the device runs it natively,
+    else fp32; on a CPU without native support for a half precision, fp32 with a warning on
+    stderr, unless `force`."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
     if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}, auto")
     if torch.device(device).type == "cpu" and not force and not cpu_supports(precision):
         print(f"warning: --precision {precision}: this CPU has no {precision} instructions, so it "
-              f"would be much slower than fp32; training in fp32 instead (--force-precision "
+              f"would be much slower than fp32; {what} in fp32 instead (--force-precision "
               f"uses {precision} anyway)", file=sys.stderr)
         return "fp32"
     return precision
@@ -77,6 +89,24 @@ class Autocast:
         with autocast(self.precision, self.device):
             out = self.fn(*args, **kwargs)
         return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+
+@contextmanager
+def autocast_forward(model: torch.nn.Module, precision: str):
+    """Within the block, `model(...)` runs under autocast in `precision` and returns float32
+    (Autocast); fp32 changes nothing. Whatever calls the model (a denoiser wrapper, a sampler)
+    is left as it is, so its own arithmetic keeps its dtype."""
+    if precision == "fp32":
+        yield model
+        return
+    if precision not in DTYPES:
+        raise UsageError(f"precision {precision!r}: choose fp32, bf16 or fp16")
+    device = next(model.parameters()).device
+    model.forward = Autocast(type(model).forward.__get__(model), precision, device)
+    try:
+        yield model
+    finally:
+        del model.forward   # back to the class's forward
 
 
 class DynamicLossScaler:

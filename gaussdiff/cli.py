@@ -131,7 +131,7 @@ def add_train_parser(sub):
                                                              "(gaussdiff train-feature-net)")
     g = p.add_argument_group("performance and memory (docs/performance.md); under torchrun "
                              "--batch-size is the global batch")
-    g.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+    g.add_argument("--precision", choices=("fp32", "fp16", "bf16", "auto"),
                    help="fp16: autocast with ADM's dynamic loss scaling (2^20, halved on overflow, "
                         "the step skipped); bf16: autocast. Weights, optimizer and EMA stay fp32. "
                         "On a CPU without instructions for it, half precision falls back to fp32 "
@@ -208,6 +208,11 @@ def add_sample_parser(sub):
       help="images per batch (64), or auto: the fastest on a quick probe (CPU) or the largest "
            "that fits in memory (CUDA)")
     a("--channels-last", action="store_true", help="NHWC memory format for the network")
+    a("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+      help="autocast precision of the network evaluations (fp32); the sampler's state and "
+           "arithmetic stay float64 on a CPU. auto: bf16 where the device runs it natively. A "
+           "half precision the CPU would emulate falls back to fp32 unless --force-precision")
+    a("--force-precision", action="store_true", help="use --precision bf16/fp16 even if emulated")
     a("--label", type=int, help="class label for every image (class-conditional models, or an "
                                 "unconditional one guided by --classifier)")
     a("--ema", default="auto", help="which weights: auto, raw, or an EMA rate like 0.9999")
@@ -288,6 +293,8 @@ def _sample(args, dist, device):
                                   ema=None if args.ema == "raw" else args.ema)
     if args.channels_last:
         pipe.model.to(memory_format=torch.channels_last)
+    from .amp import resolve_precision
+    precision = resolve_precision(args.precision, device, args.force_precision, "sampling")
     steps = int(args.steps) if args.steps.isdigit() else args.steps
     labels = None
     if args.label is not None:
@@ -315,7 +322,8 @@ def _sample(args, dist, device):
                            rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                            churn=args.churn, tmin=args.tmin, tmax=args.tmax,
                            snoise=args.snoise, rtol=args.rtol, atol=args.atol,
-                           quantize=args.quantize, stats=stats, guidance=guidance)
+                           quantize=args.quantize, stats=stats, guidance=guidance,
+                           precision=precision)
     sharded = bool(args.out) and not dist.enabled and args.num > args.shard_size
     if sharded:
         from .sharded import sample_in_shards

@@ -251,7 +251,7 @@ class Pipeline:
                tmax: Optional[float] = None, snoise: Optional[float] = None,
                rtol: Optional[float] = None, atol: Optional[float] = None, quantize: bool = False,
                state_dtype: Optional[torch.dtype] = None, stats: Optional[dict] = None,
-               guidance=None, low_res: Optional[torch.Tensor] = None):
+               guidance=None, low_res: Optional[torch.Tensor] = None, precision: str = "fp32"):
         """Draw `num` images. Returns (uint8 NHWC array, int64 labels or None).
 
         sampler: "ddpm" (ancestral) or "ddim" (with eta), the discrete engine, with `steps` a
@@ -271,9 +271,12 @@ class Pipeline:
         guidance: a gaussdiff.guidance.Guidance (classifier and classifier-free guidance,
         temperature). low_res: [num, C, h, w] in [-1, 1], the low-resolution images an
         upsampling model (`task` "upsample") refines, row i for image i.
+        precision: "fp32", or "bf16"/"fp16": the network runs under autocast and returns float32
+        (gaussdiff.amp.autocast_forward); the sampler's state and arithmetic keep their dtype.
         Image i depends only on (seed, start_index + i), never on the batch size.
         """
         from tqdm.auto import tqdm
+        from .amp import autocast_forward
         from .data import to_uint8
         from .rng import per_sample_generators
         options = dict(eta=eta, churn=churn, tmin=tmin, tmax=tmax, snoise=snoise, rtol=rtol, atol=atol)
@@ -316,30 +319,31 @@ class Pipeline:
             nc = guidance.num_classes
         bar = tqdm(total=num, disable=not progress, desc=f"sampling ({sampler}, {num_steps} steps)",
                    unit="img")
-        for start in range(0, num, batch_size):
-            idx = range(start_index + start, start_index + min(start + batch_size, num))
-            gens = per_sample_generators([seed_for(seed, i) for i in idx])
-            kwargs = {}
-            if nc is not None:
-                if labels is not None:
-                    y = torch.as_tensor([labels[i - start_index] for i in idx], dtype=torch.long)
-                else:
-                    y = torch.tensor([int(torch.randint(nc, (1,), generator=g)) for g in gens])
-                kwargs["y"] = y.to(device)
-                out_labels.append(y.numpy())
-            if low_res is not None:
-                kwargs["low_res"] = low_res[start:start + len(idx)].to(device)
-            shape = (len(idx),) + self.image_shape
-            noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
-            batch_stats = {}
-            x = run(noise, kwargs, gens, batch_stats)
-            if not torch.isfinite(x).all():   # never let NaN become black images on disk
-                raise UsageError(f"{self.path or 'the model'}: the {sampler} sampler produced "
-                                 f"NaN or infinite values (images {idx.start}..{idx.stop - 1}); "
-                                 f"nothing was written: check the sampler options and the weights")
-            nfe.append(batch_stats["nfe"])
-            out.append(to_uint8(x))
-            bar.update(len(idx))
+        with autocast_forward(self.model, precision):   # the network only, not the sampler
+            for start in range(0, num, batch_size):
+                idx = range(start_index + start, start_index + min(start + batch_size, num))
+                gens = per_sample_generators([seed_for(seed, i) for i in idx])
+                kwargs = {}
+                if nc is not None:
+                    if labels is not None:
+                        y = torch.as_tensor([labels[i - start_index] for i in idx], dtype=torch.long)
+                    else:
+                        y = torch.tensor([int(torch.randint(nc, (1,), generator=g)) for g in gens])
+                    kwargs["y"] = y.to(device)
+                    out_labels.append(y.numpy())
+                if low_res is not None:
+                    kwargs["low_res"] = low_res[start:start + len(idx)].to(device)
+                shape = (len(idx),) + self.image_shape
+                noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+                batch_stats = {}
+                x = run(noise, kwargs, gens, batch_stats)
+                if not torch.isfinite(x).all():   # never let NaN become black images on disk
+                    raise UsageError(f"{self.path or 'the model'}: the {sampler} sampler produced "
+                                     f"NaN or infinite values (images {idx.start}..{idx.stop - 1}); "
+                                     f"nothing was written: check the sampler options and the weights")
+                nfe.append(batch_stats["nfe"])
+                out.append(to_uint8(x))
+                bar.update(len(idx))
         bar.close()
         if stats is not None:
             stats.update(nfe=max(nfe), nfe_per_batch=nfe)

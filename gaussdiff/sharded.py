@@ -23,7 +23,7 @@ from .modeldir import atomic_write_bytes
 
 # options that do not change which images are drawn
 _NEUTRAL = {"num", "out", "grid", "no_progress", "batch_size", "device", "func", "command",
-            "channels_last", "shard_size"}
+            "channels_last", "shard_size", "force_precision"}
 
 
 def sampling_settings(args) -> dict:

@@ -237,3 +237,36 @@ def test_resume_is_bit_exact_for_every_precision(data, tmp_path, precision, micr
     assert _log(tmp_path / "ref") == _log(tmp_path / "cut")
     if precision == "fp16":   # the test means something only if the scale moved
         assert ref.scaler.scale < amp.DynamicLossScaler().scale
+
+
+# ------------------------------------------------------------------------ sampling precision
+def test_sampling_under_bf16_autocast_is_close_and_leaves_the_model_as_it_was(tmp_path):
+    """Pipeline.sample(precision="bf16"): the network runs under autocast (its convolutions
+    in bf16), the sampler in float64; the images stay within a few 8-bit levels of fp32's
+    (bf16 keeps 8 bits of mantissa), and afterwards the model is the plain fp32 module again
+    (fp32 sampling then reproduces the first fp32 run bit for bit)."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import gaussdiff
+    from guided_models import make_model_dir
+    pipe = gaussdiff.load(make_model_dir(tmp_path / "m", num_classes=None), device="cpu")
+    kw = dict(num=3, sampler="heun", steps=4, seed=2, progress=False)
+    ref, _ = pipe.sample(**kw)
+    seen = []
+    conv = next(m for m in pipe.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype == torch.bfloat16))
+    half, _ = pipe.sample(precision="bf16", **kw)
+    assert seen and all(seen)
+    assert "forward" not in vars(pipe.model)
+    diff = np.abs(half.astype(int) - ref.astype(int))
+    assert diff.mean() < 3 and diff.max() <= 40
+    seen.clear()
+    again, _ = pipe.sample(**kw)
+    assert np.array_equal(again, ref) and not any(seen)
+
+
+def test_precision_auto_is_bf16_only_where_native(monkeypatch):
+    monkeypatch.setattr(amp, "cpu_supports", lambda p: p == "fp32")
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(amp, "cpu_supports", lambda p: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
