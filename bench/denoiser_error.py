@@ -9,6 +9,8 @@ grows with σ, as an ε-prediction network's does (x̂_0 = x − σ·ε̂), carr
 E|D − x_0|² per pixel (in [-1, 1] units); the data variance bounds the ideal one.
 
     python bench/denoiser_error.py models/fashion-small [MODEL ...] --num 256
+
+MODEL@EMA picks the weights (auto, the default, raw or a rate such as 0.999).
 """
 import argparse
 import json
@@ -27,7 +29,9 @@ SIGMAS = (80, 40, 20, 10, 5, 2, 1, 0.5, 0.2, 0.05)
 @torch.no_grad()
 def denoiser_error(path: str, num: int = 256, seed: int = 0, data: str = "fashion-mnist",
                    sigmas=SIGMAS, batch_size: int = 128) -> dict:
-    pipe = gaussdiff.load(path, device="cpu")
+    spec = path
+    path, _, ema = path.partition("@")
+    pipe = gaussdiff.load(path, device="cpu", ema=None if ema == "raw" else (ema or "auto"))
     D = pipeline_denoiser(pipe)
     C, H, _ = pipe.image_shape
     ds = load_dataset(data, "test", C, H, pipe.num_classes is not None)
@@ -43,7 +47,7 @@ def denoiser_error(path: str, num: int = 256, seed: int = 0, data: str = "fashio
         rows.append({"sigma": s, "mean_bias": float(d.mean() - x0.mean()),
                      "overshoot": float((d * d).sum() / (d * x0).sum()),
                      "mse": float(((d - x0) ** 2).mean())})
-    return {"model": path, "num": num, "seed": seed, "data_variance": float(x0.var()), "levels": rows}
+    return {"model": spec, "num": num, "seed": seed, "data_variance": float(x0.var()), "levels": rows}
 
 
 def main(argv=None):
