@@ -13,7 +13,8 @@ out=${2:-$here/results/mutation}
 sha=$(git -C "$here" rev-parse --short "$commit")
 work=$(mktemp -d /tmp/gaussdiff-mutation.XXXXXX)
 git -C "$here" worktree add -f --detach "$work/tree" "$commit" >/dev/null
-trap 'git -C "$here" worktree remove --force "$work/tree"; rm -rf "$work"' EXIT
+mkdir -p "$out"
+trap 'cp "$work/run.log" "$out/mutation-$sha-run.log" 2>/dev/null || true; git -C "$here" worktree remove --force "$work/tree"; rm -rf "$work"' EXIT
 cd "$work/tree"
 modules="gaussdiff/diffusion.py gaussdiff/samplers.py gaussdiff/precond.py gaussdiff/guidance.py gaussdiff/metrics/frechet.py"
 tests=""
@@ -21,11 +22,13 @@ for t in test_diffusion test_samplers test_objectives test_guidance test_metrics
          test_ode_likelihood test_guided_diffusion_parity test_hardening; do
   [ -f "tests/$t.py" ] && tests="$tests tests/$t.py"
 done
-{
+{   # setup.cfg lists: one item per indented line
   echo "[mutmut]"
   echo "source_paths = gaussdiff/"
-  echo "only_mutate = $(echo $modules | tr ' ' ',')"
-  echo "pytest_add_cli_args_test_selection = $(echo $tests | tr ' ' ',')"
+  echo "only_mutate ="
+  for m in $modules; do echo "    $m"; done
+  echo "pytest_add_cli_args_test_selection ="
+  for t in $tests; do echo "    $t"; done
 } > setup.cfg
 "$here/.venv/bin/pip" show mutmut >/dev/null 2>&1 || "$here/.venv/bin/pip" install -q mutmut==3.8.1
 OMP_NUM_THREADS=1 "$here/.venv/bin/mutmut" run >"$work/run.log" 2>&1 || true
