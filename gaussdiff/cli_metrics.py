@@ -214,13 +214,12 @@ def cmd_nll(args):
     summary = {k: v for k, v in result.items() if k not in ("per_step", "per_image")}
     if isinstance(summary.get("nfe"), dict):
         summary["nfe"] = {k: v for k, v in summary["nfe"].items() if k != "per_batch"}
-    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    _write_json(summary, None)
     bpd = result["bpd"]
     spread = "" if bpd["stderr"] is None else f" ± {bpd['stderr']:.4f}"
-    print(f"nll ({'ODE' if args.ode else 'VLB'}, {result['num']} images): {bpd['mean']:.4f}"
-          f"{spread} bits/dim" + (f"; per-step and per-image values in {args.out}"
-                                              if args.out else "; --out FILE keeps the per-step and "
-                                              "per-image values"), file=sys.stderr)
+    where = f"in {args.out}" if args.out else "kept by --out FILE"
+    print(f"nll ({'ODE' if args.ode else 'VLB'}, {result['num']} images): {bpd['mean']:.4f}{spread} "
+          f"bits/dim; per-step and per-image values {where}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- feature net
