@@ -119,6 +119,7 @@ def make_adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with PyTorch's fused kernel (one pass over all parameters: 5x faster than the
     per-tensor loop for 35.7M parameters, bench/optimizer.py), the foreach one where a build
     has no fused kernel. Same algorithm and state dict, so checkpoints resume either way."""
+    params = list(params)   # a generator would be spent by the first attempt
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
