@@ -376,24 +376,25 @@ def cmd_export(args):
     save_tensors(os.path.join(args.out, WEIGHTS_NAME), pipe.model.state_dict())
     atomic_write_json(os.path.join(args.out, CONFIG_NAME), cfg)
     print(f"wrote {args.out}")
-    warning = ema_init_share_warning(args.run, ema)
+    warning = ema_init_share_warning(args.run, pipe.config, ema)
     if warning:
         print(warning, file=sys.stderr)
 
 
-def ema_init_share_warning(run: str, ema) -> str:
+def ema_init_share_warning(run: str, cfg: dict, ema) -> str:
     """A warning when the exported EMA still holds more than 1% of the random initial
-    weights (r^steps, without --ema-warmup): the exported model would be partly untrained."""
+    weights (r^steps, without --ema-warmup): the exported model would be partly untrained.
+    cfg: the run's config.json."""
     import json
-    from .modeldir import read_config, weights_path
-    path = weights_path(run, read_config(run), ema)
+    from .modeldir import weights_path
+    path = weights_path(run, cfg, ema)
     name = os.path.basename(path)
     if not name.startswith("ema_") or not os.path.exists(os.path.join(run, "state.json")):
         return ""
     with open(os.path.join(run, "state.json")) as f:
         steps = int(json.load(f).get("step", 0))
     rate = float(name[len("ema_"):-len(".safetensors")])
-    if read_config(run).get("training", {}).get("ema_warmup"):
+    if cfg.get("training", {}).get("ema_warmup"):
         return ""
     share = rate ** steps
     if share <= 0.01:

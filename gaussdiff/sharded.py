@@ -41,6 +41,11 @@ def sampling_settings(args) -> dict:
     return settings
 
 
+def _out_path(args) -> str:
+    """--out as `save_npz` writes it (".npz" appended when missing)."""
+    return args.out if args.out.endswith(".npz") else args.out + ".npz"
+
+
 def _shard_path(parts: str, k: int) -> str:
     return os.path.join(parts, f"shard_{k:06d}.npz")
 
@@ -48,7 +53,7 @@ def _shard_path(parts: str, k: int) -> str:
 def sample_in_shards(args, draw, stats: dict):
     """Images [0, args.num) of `draw(start, stop, progress) -> (uint8 images, labels)`, shard by
     shard through args.out + ".parts/"; returns all images and labels (None if unlabelled)."""
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    out = _out_path(args)
     parts = out + ".parts"
     settings = sampling_settings(args)
     settings_path = os.path.join(parts, "settings.json")
@@ -98,6 +103,4 @@ def sample_in_shards(args, draw, stats: dict):
 
 def finish(args):
     """Remove the parts directory once --out is written."""
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    if os.path.isdir(out + ".parts"):
-        shutil.rmtree(out + ".parts", ignore_errors=True)
+    shutil.rmtree(_out_path(args) + ".parts", ignore_errors=True)
