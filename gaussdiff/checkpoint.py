@@ -201,7 +201,11 @@ def refresh_top_level(run_dir: str, checkpoint_dir: str):
     """Make the run directory's top-level files copies of `checkpoint_dir`'s (the one a resume
     starts from): a crash between renaming a checkpoint into place and copying its files up
     leaves them one step behind, and a resumed run that has no step left to train would
-    otherwise never rewrite them."""
+    otherwise never rewrite them. Temporary copies a killed run left behind are deleted (the
+    caller holds the run, so no other process is writing them)."""
+    for name in os.listdir(run_dir):
+        if name.startswith(".") and name.endswith(".copy"):
+            os.unlink(os.path.join(run_dir, name))
     if os.path.abspath(checkpoint_dir) == os.path.abspath(run_dir):
         return
     with _sigint_held():

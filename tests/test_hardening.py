@@ -161,6 +161,20 @@ def test_ctrl_c_while_checkpointing_still_prunes_to_keep(tmp_path, monkeypatch):
     ck.verify(str(newest.parent))   # the checkpoint still verifies
 
 
+def test_resume_removes_the_copy_a_killed_run_left(tmp_path):
+    """A SIGKILL while a top-level file is copied up leaves `.NAME.PID.copy` in the run
+    directory; the resume's refresh deletes it and restores the top-level files (seen in CI)."""
+    from gaussdiff import checkpoint as ck
+    d = ck.write_checkpoint(str(tmp_path), 1, {"model.safetensors": {"w": torch.ones(3)}}, keep=1)
+    stale = tmp_path / ".model.safetensors.12345.copy"
+    stale.write_bytes(b"half")
+    (tmp_path / "model.safetensors").write_bytes(b"one step behind")
+    ck.refresh_top_level(str(tmp_path), d)
+    assert not stale.exists()
+    assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "checkpoints" / "step0000001"
+                                                             / "model.safetensors").read_bytes()
+
+
 def test_failed_setup_leaves_no_run_directory(tmp_path, capsys):
     """`train --resume` into a new directory and contradictory options are errors that leave no
     empty run directory behind."""
