@@ -436,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_interop import add_interop_parsers   # convert-openai, dataset, export-torchscript
     add_interop_parsers(sub)
     add_plot_parser(sub)
+    from .cli_analyze import add_analyze_parser   # rate-distortion, noise-levels, progressive, ...
+    add_analyze_parser(sub)
     return parser
 
 

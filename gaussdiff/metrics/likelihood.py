@@ -34,7 +34,8 @@ def evaluate_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = None, 
 
     steps: None for the model's own T steps, else a respacing (an int K, "ddimK", "a,b,c").
     Returns a JSON-ready dict: bpd (mean, stderr), terms {prior, decoder, kl_sum} (mean,
-    stderr), per_step {t (original indices), vb, mse} (means over images, bits/dim for vb),
+    stderr), per_step {t (original indices), vb, mse (of ε), xstart_mse (of the x̂_0 from that
+    step's x_t)} (means over images, bits/dim for vb),
     and per_image total_bpd. total = prior + decoder + kl_sum for every image.
     """
     from tqdm.auto import tqdm
@@ -53,7 +54,7 @@ def evaluate_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = None, 
     diffusion = pipe.diffusion if steps is None else pipe.respaced(steps)
     device = next(pipe.model.parameters()).device
     pipe.model.eval()
-    totals, priors, decoders, kl_sums, vb_sum, mse_sum = [], [], [], [], 0.0, 0.0
+    totals, priors, decoders, kl_sums, vb_sum, mse_sum, xmse_sum = [], [], [], [], 0.0, 0.0, 0.0
     bar = tqdm(total=len(images), desc=f"nll ({diffusion.num_timesteps} steps)", unit="img",
                disable=not progress)
     for start in range(0, len(images), batch_size):
@@ -74,6 +75,7 @@ def evaluate_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = None, 
         kl_sums.append(vb[:, 1:].sum(1))
         vb_sum = vb_sum + vb.sum(0)
         mse_sum = mse_sum + out["mse"].double().cpu().sum(0)
+        xmse_sum = xmse_sum + out["xstart_mse"].double().cpu().sum(0)
         bar.update(len(idx))
     bar.close()
     n = len(images)
@@ -86,6 +88,7 @@ def evaluate_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = None, 
         "num": n,
         "num_steps": diffusion.num_timesteps,
         "per_step": {"t": [int(t) for t in diffusion.timestep_map],
-                     "vb": (vb_sum / n).tolist(), "mse": (mse_sum / n).tolist()},
+                     "vb": (vb_sum / n).tolist(), "mse": (mse_sum / n).tolist(),
+                     "xstart_mse": (xmse_sum / n).tolist()},
         "per_image": {"total_bpd": total.tolist()},
     }
