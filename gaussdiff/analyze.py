@@ -8,6 +8,8 @@ paper shows images) a uint8 NHWC image grid under "grid"; gaussdiff.cli_analyze 
 - progressive: DDPM Figs. 6, 10, 14, the x̂_0 predictions along reverse chains.
 - shared_latents: DDPM Fig. 7, one reverse chain split at several t into continuations.
 - coarse_to_fine: DDPM Fig. 9, interpolation of two images noised to step t, then decoded.
+- nearest_neighbours: DDPM Figs. 12, 15 and ADM Fig. 7, with a memorisation check.
+- guidance_sweep: ADM Fig. 8, a seed per row, the guidance scale growing along it.
 
 Timesteps are the papers' t = 1..T (the number of noising steps applied: x_t); index t - 1
 of the diffusion's tables, as API_CONVENTIONS.md fixes. Pixel errors are RMSE on the
@@ -325,3 +327,155 @@ def coarse_to_fine(pipe: Pipeline, image_a: np.ndarray, image_b: np.ndarray,
     grid = make_grid(np.concatenate(tiles), ncols=frames + 2, scale=2)
     return dict(seed=seed, frames=frames, steps=diffusion.num_timesteps, rows=rows,
                 decoded=np.stack(decoded), grid=grid)
+
+
+# ----------------------------------------------------------------------------- nearest neighbours
+def centre_crop(images: np.ndarray, fraction: float) -> np.ndarray:
+    """The central round(fraction·H) x round(fraction·W) pixels of uint8 NHWC images."""
+    if not 0 < fraction <= 1:
+        raise UsageError(f"--crop {fraction}: a fraction in (0, 1]")
+    H, W = images.shape[1:3]
+    h, w = max(1, round(fraction * H)), max(1, round(fraction * W))
+    top, left = (H - h) // 2, (W - w) // 2
+    return images[:, top:top + h, left:left + w]
+
+
+def _features(images: np.ndarray, space: str, network=None, progress: bool = False) -> torch.Tensor:
+    """Vectors whose L2 distance is the NN distance: pixel RMSE on [0, 255] scale (so divided
+    by sqrt(dims)), or Inception pool3 features."""
+    if space == "pixel":
+        x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float64))
+        return x / np.sqrt(x.shape[1])
+    from .metrics.evaluate import compute_features
+    return torch.from_numpy(compute_features(network, images, progress=progress)["pool"].astype(np.float64))
+
+
+def _knn(queries: torch.Tensor, base: torch.Tensor, k: int, exclude_self: bool = False,
+         chunk: int = 256):
+    """(distances [Q, k], indices [Q, k]) of the k nearest rows of `base`, nearest first."""
+    dists, idx = [], []
+    for s in range(0, len(queries), chunk):
+        d = torch.cdist(queries[s:s + chunk], base)
+        if exclude_self:
+            d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")
+        v, i = d.topk(k, dim=1, largest=False)
+        dists.append(v)
+        idx.append(i)
+    return torch.cat(dists).numpy(), torch.cat(idx).numpy()
+
+
+def _quantiles(v: np.ndarray) -> dict:
+    q = np.quantile(v, [0.0, 0.01, 0.1, 0.5, 0.9]) if len(v) else [None] * 5
+    return dict(num=int(len(v)), mean=float(np.mean(v)) if len(v) else None,
+                **{f"q{p}": (None if x is None else float(x)) for p, x in zip((0, 1, 10, 50, 90), q)})
+
+
+def nearest_neighbours(samples: np.ndarray, train: np.ndarray, k: int = 5, space: str = "pixel",
+                       crop: float = 1.0, heldout: Optional[np.ndarray] = None, network=None,
+                       show: int = 8, progress: bool = True) -> dict:
+    """DDPM Figs. 12 and 15, ADM Fig. 7: for each uint8 NHWC sample its k nearest training
+    images, in pixel space (RMSE on [0, 255]) or Inception pool3 space (L2), on the central
+    `crop` fraction of each image. With `heldout` (test images), the distribution of their
+    nearest-training-image distances too: samples much closer to the training set than
+    held-out images are (a median ratio well below 1) are a sign of memorisation.
+    Returns rows (per sample: nn, distance), the summaries and "grid" (per row one of the first
+    `show` samples, then its neighbours, nearest first)."""
+    if space not in ("pixel", "inception"):
+        raise UsageError(f"--space {space}: pixel or inception")
+    if not 1 <= k <= len(train):
+        raise UsageError(f"--k {k}: between 1 and the {len(train)} training images")
+    if samples.shape[1:] != train.shape[1:]:
+        raise UsageError(f"the samples are {samples.shape[1:]} (HWC), the training images "
+                         f"{train.shape[1:]}: they must match")
+    if space == "inception" and network is None:
+        from .metrics.inception import get_inception
+        network = get_inception()
+    feats = {}
+    for name, images in (("samples", samples), ("train", train), ("heldout", heldout)):
+        if images is not None:
+            feats[name] = _features(centre_crop(images, crop), space, network, progress)
+    d, i = _knn(feats["samples"], feats["train"], k)
+    rows = [dict(sample=n, nn=i[n].tolist(), distance=d[n].tolist()) for n in range(len(samples))]
+    out = dict(space=space, crop=crop, k=k, num_train=len(train), rows=rows,
+               samples_nn=_quantiles(d[:, 0]))
+    if heldout is not None:
+        hd, _ = _knn(feats["heldout"], feats["train"], 1)
+        out["heldout_nn"] = _quantiles(hd[:, 0])
+        out["median_ratio"] = float(np.median(d[:, 0]) / np.median(hd[:, 0])) if np.median(hd[:, 0]) > 0 else None
+        out["_heldout_distances"] = hd[:, 0]
+    out["_sample_distances"] = d[:, 0]
+    tiles = np.concatenate([np.concatenate([samples[n:n + 1], train[i[n]]])
+                            for n in range(min(show, len(samples)))])
+    out["grid"] = make_grid(tiles, ncols=k + 1, scale=2)
+    return out
+
+
+def plot_nn_distances(result: dict, out: str):
+    """Histograms of the nearest-training-image distance of the samples and the held-out images."""
+    from .plot import new_figure, save_figure
+    fig, (ax,) = new_figure(1)
+    unit = "RMSE, [0, 255]" if result["space"] == "pixel" else "Inception pool3 L2"
+    series = [("samples", result["_sample_distances"])]
+    if "_heldout_distances" in result:
+        series.append(("held-out test images", result["_heldout_distances"]))
+    hi = max(float(np.max(v)) for _, v in series)
+    for name, v in series:
+        ax.hist(v, bins=30, range=(0, hi), density=True, alpha=0.5, label=f"{name} ({len(v)})")
+    ax.set(xlabel=f"distance to the nearest training image ({unit})", ylabel="density",
+           title="nearest-neighbour distances (memorisation check)")
+    ax.legend()
+    save_figure(fig, out)
+
+
+# ----------------------------------------------------------------------------- guidance sweeps
+def classifier_accuracy(classifier, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+    """Share of uint8 NHWC images whose class under a noisy classifier at t = 0 (clean images)
+    is the label they were drawn for."""
+    param = next(classifier.model.parameters())
+    hits = 0
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = to_model_range(torch.from_numpy(images[s:s + batch_size])).to(param.device, param.dtype)
+            logits = classifier.model(x, torch.zeros(len(x), device=param.device))
+            hits += int((logits.argmax(1).cpu().numpy() == labels[s:s + batch_size]).sum())
+    return hits / len(images)
+
+
+def guidance_sweep(pipe: Pipeline, scales: Sequence[float], guide: str = "cfg", classifier=None,
+                   num: int = 4, labels=None, sampler: str = "heun", steps=35, seed: int = 0,
+                   progress: bool = True, **sample_options) -> dict:
+    """ADM Fig. 8: a fixed seed per row (image i from (seed, i), as `gaussdiff sample` draws it)
+    and the guidance scale increasing along the row: classifier guidance (guide "classifier",
+    scale s) or classifier-free guidance (guide "cfg", scale w; a model trained with
+    --label-dropout). Row i's label is labels[i] (default i mod K). Per scale: the mean over
+    pixels of the standard deviation across the rows ([0, 255], a diversity measure) and, with
+    a classifier, the share of samples it puts in their row's class (at t = 0); the samples
+    under "images" [num, scales, H, W, C] and "grid"."""
+    from .guidance import Guidance
+    if guide not in ("cfg", "classifier"):
+        raise UsageError(f"--guide {guide}: cfg or classifier")
+    if guide == "classifier" and classifier is None:
+        raise UsageError("--guide classifier needs --classifier DIR")
+    K = pipe.num_classes if pipe.num_classes is not None else (classifier.num_classes if classifier else None)
+    if K is None:
+        raise UsageError(f"{pipe.path or 'this model'} is unconditional: a guidance sweep needs "
+                         f"classes (--guide classifier with --classifier DIR)")
+    labels = [i % K for i in range(num)] if labels is None else list(labels)
+    if len(labels) == 1:
+        labels = labels * num
+    if len(labels) != num:
+        raise UsageError(f"--labels: {len(labels)} labels for {num} rows")
+    columns, rows = [], []
+    for s in tqdm(scales, desc=f"guidance sweep ({guide})", disable=not progress):
+        g = (Guidance(classifier=classifier, classifier_scale=float(s)) if guide == "classifier"
+             else Guidance(cfg_scale=float(s)))
+        images, _ = pipe.sample(num, sampler, steps, seed=seed, labels=labels, guidance=g,
+                                progress=False, **sample_options)
+        row = dict(scale=float(s), pixel_std=float(images.astype(np.float64).std(0, ddof=1).mean()))
+        if classifier is not None:
+            row["accuracy"] = classifier_accuracy(classifier, images, np.asarray(labels))
+        rows.append(row)
+        columns.append(images)
+    images = np.stack(columns, 1)   # [num, scales, H, W, C]: row = seed, column = scale
+    return dict(guide=guide, sampler=sampler, steps=steps, seed=seed, labels=labels, rows=rows,
+                images=images, grid=make_grid(images.reshape(-1, *images.shape[2:]), ncols=len(scales), scale=2))

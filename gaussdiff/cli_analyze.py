@@ -32,7 +32,7 @@ def _outputs(out: str):
 
 def _write_numbers(stem: str, result: dict, command: str):
     rows = result.get("rows", [])
-    record = {k: v for k, v in result.items() if k not in ("grid", "frames", "decoded")}
+    record = {k: v for k, v in result.items() if k not in ("grid", "frames", "decoded", "images")}
     atomic_write_bytes(stem + ".json", (json.dumps(dict(record, command=command), indent=2) + "\n").encode())
     if rows:
         buf = io.StringIO()
@@ -108,6 +108,40 @@ def add_analyze_parser(sub):
     q.add_argument("--frames", type=int, default=9, help="λ from 0 to 1 (9)")
     q.add_argument("--steps", help="a respacing of the ancestral sampler (default: all T steps)")
     q.set_defaults(func=cmd_coarse_to_fine)
+
+    q = what.add_parser("nearest-neighbours", help="DDPM Figs. 12, 15, ADM Fig. 7: nearest training "
+                                                   "images of samples, and a memorisation check")
+    q.add_argument("samples", metavar="SAMPLES", help="samples: an .npz (gaussdiff sample --out) or an image folder")
+    q.add_argument("--out", required=True, metavar="FIG.png",
+                   help="the grid; the numbers go beside it as .json and .csv, the histogram as .hist.png")
+    q.add_argument("--train", default="fashion-mnist", help="the training images (fashion-mnist)")
+    q.add_argument("--train-split", default="train")
+    q.add_argument("--train-num", type=int, help="only the first N training images (default all)")
+    q.add_argument("--heldout-split", default="test",
+                   help="held-out images of the same dataset for the memorisation check (test; "
+                        "'none' to skip)")
+    q.add_argument("--heldout-num", type=int, default=1000, help="held-out images (1000)")
+    q.add_argument("--k", type=int, default=5, help="neighbours per sample (5)")
+    q.add_argument("--space", default="pixel", choices=("pixel", "inception"),
+                   help="pixel (RMSE on [0, 255]) or inception (pool3 L2; slow on CPU)")
+    q.add_argument("--crop", type=float, default=1.0, help="compare the central fraction of each image (1)")
+    q.add_argument("--show", type=int, default=8, help="samples shown in the grid (8)")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_nearest_neighbours)
+
+    q = what.add_parser("guidance-sweep", help="ADM Fig. 8: a seed per row, the guidance scale along it")
+    _add_common(q)
+    q.add_argument("--guide", default="cfg", choices=("cfg", "classifier"),
+                   help="classifier-free guidance (a --label-dropout model) or classifier guidance")
+    q.add_argument("--classifier", metavar="DIR",
+                   help="a noisy classifier: guides with --guide classifier; always measures accuracy")
+    q.add_argument("--scales", default="0,1,2,4", help="scales, comma-separated (0,1,2,4)")
+    q.add_argument("--num", type=int, default=6, help="rows (seeds) (6)")
+    q.add_argument("--labels", help="class labels, comma-separated, one per row or one for all "
+                                    "(default row i: class i mod K)")
+    q.add_argument("--sampler", default="heun", help="any sampler of gaussdiff sample (heun)")
+    q.add_argument("--steps", default="35", help="its steps (35)")
+    q.set_defaults(func=cmd_guidance_sweep)
 
 
 def _command(args) -> str:
@@ -206,3 +240,51 @@ def cmd_coarse_to_fine(args):
     print(f"coarse-to-fine ({len(result['rows'])} rows x {args.frames} frames): wrote {args.out}, "
           f"{stem}.json, {stem}.csv")
 
+
+
+def cmd_nearest_neighbours(args):
+    stem = _outputs(args.out)
+    check_output_file(stem + ".hist.png", "--out")
+    samples = load_dataset(args.samples, "train").images
+    train = load_dataset(args.train, args.train_split).images
+    if args.train_num is not None:
+        if args.train_num < 1:
+            raise UsageError("--train-num must be positive")
+        train = train[:args.train_num]
+    heldout = None
+    if args.heldout_split != "none":
+        if args.heldout_split == args.train_split:
+            raise UsageError(f"--heldout-split {args.heldout_split}: the held-out images must not be "
+                             f"the training split ({args.train_split})")
+        if args.heldout_num < 2:
+            raise UsageError(f"--heldout-num {args.heldout_num}: at least 2 (or --heldout-split none)")
+        heldout = load_dataset(args.train, args.heldout_split).images[:args.heldout_num]
+    result = analyze.nearest_neighbours(samples, train, args.k, args.space, args.crop, heldout,
+                                        show=args.show, progress=not args.no_progress)
+    save_png(args.out, result.pop("grid"))
+    analyze.plot_nn_distances(result, stem + ".hist.png")
+    result = {k: v for k, v in result.items() if not k.startswith("_")}
+    result["rows"] = [dict(sample=r["sample"], nn=r["nn"][0], distance=r["distance"][0],
+                           neighbours=" ".join(map(str, r["nn"]))) for r in result["rows"]]
+    _write_numbers(stem, result, _command(args))
+    ratio = result.get("median_ratio")
+    note = "" if ratio is None else f"; median NN distance of samples / held-out images: {ratio:.3f}"
+    print(f"nearest-neighbours ({len(samples)} samples, {len(train)} training images, {args.space}){note}; "
+          f"wrote {args.out}, {stem}.hist.png, {stem}.json, {stem}.csv")
+
+
+def cmd_guidance_sweep(args):
+    stem = _outputs(args.out)
+    pipe = _load(args)
+    classifier = None
+    if args.classifier:
+        from .classifier import load_classifier
+        classifier = load_classifier(args.classifier, device=next(pipe.model.parameters()).device)
+    labels = None if args.labels is None else parse_ints(args.labels, "labels")
+    result = analyze.guidance_sweep(pipe, parse_floats(args.scales, "scales"), args.guide, classifier,
+                                    args.num, labels, args.sampler, _steps(args.steps), args.seed,
+                                    progress=not args.no_progress)
+    save_png(args.out, result["grid"])
+    _write_numbers(stem, result, _command(args))
+    print(f"guidance-sweep ({args.guide}, {len(result['rows'])} scales x {args.num} rows): wrote "
+          f"{args.out}, {stem}.json, {stem}.csv")

@@ -174,6 +174,56 @@ def test_coarse_to_fine_rows_are_affine_in_lambda():
     assert np.abs(dec[2, 0] - a).mean() > np.abs(dec[1, 0] - a).mean()   # t = T forgets A
 
 
+def test_nearest_neighbours_known_answers():
+    """Copies of training images are found at distance 0; a training image brightened by 2
+    levels everywhere is at RMSE exactly 2 from its source; the k neighbours and distances of
+    random queries equal a brute-force numpy search; the crop compares the centre only."""
+    rng = np.random.default_rng(0)
+    train = rng.integers(10, 240, size=(50, 6, 6, 1), dtype=np.uint8)
+    samples = np.concatenate([train[[3, 17]], train[[5]] + 2, rng.integers(0, 256, (4, 6, 6, 1), dtype=np.uint8)])
+    heldout = rng.integers(0, 256, size=(20, 6, 6, 1), dtype=np.uint8)
+    res = analyze.nearest_neighbours(samples, train, k=3, heldout=heldout, progress=False)
+    rows = res["rows"]
+    assert (rows[0]["nn"][0], rows[1]["nn"][0], rows[2]["nn"][0]) == (3, 17, 5)
+    assert rows[0]["distance"][0] == 0 and rows[1]["distance"][0] == 0
+    assert rows[2]["distance"][0] == pytest.approx(2.0, abs=1e-9)
+    f = lambda a: a.reshape(len(a), -1).astype(np.float64)   # noqa: E731
+    brute = np.sqrt(((f(samples)[:, None] - f(train)[None]) ** 2).mean(-1))
+    for n, row in enumerate(rows):
+        np.testing.assert_allclose(row["distance"], np.sort(brute[n])[:3], rtol=1e-9)
+        np.testing.assert_array_equal(row["nn"], np.argsort(brute[n], kind="stable")[:3])
+    held = np.sqrt(((f(heldout)[:, None] - f(train)[None]) ** 2).mean(-1)).min(1)
+    assert res["heldout_nn"]["q50"] == pytest.approx(np.median(held), rel=1e-9)
+    assert res["median_ratio"] == pytest.approx(np.median(brute.min(1)) / np.median(held), rel=1e-9)
+    assert res["grid"].shape[1] // (6 * 2 + 2 * 2) == 3 + 1
+    moved = train.copy()
+    moved[:, 0, :] = 0   # the border differs, the centre 4x4 (crop 2/3) does not
+    res = analyze.nearest_neighbours(moved[:5], train, k=1, crop=2 / 3, progress=False)
+    assert [r["nn"][0] for r in res["rows"]] == [0, 1, 2, 3, 4]
+    assert all(r["distance"][0] == 0 for r in res["rows"])
+
+
+def test_guidance_sweep_columns_are_the_plain_samplers(tmp_path):
+    """Classifier-free guidance at w = 1 is the conditional model and at w = 0 the
+    unconditional one (the null label): the sweep's columns equal `Pipeline.sample` with
+    labels = the rows' labels and with the null label, image for image (fixed seed per row)."""
+    import gaussdiff
+    from guided_models import make_model_dir
+    pipe = gaussdiff.load(make_model_dir(tmp_path / "m", null_class=True, seed=4), device="cpu")
+    res = analyze.guidance_sweep(pipe, [1.0, 0.0, 2.0], num=3, sampler="euler", steps=4, seed=9,
+                                 progress=False)
+    K = pipe.num_classes
+    assert res["labels"] == [0, 1, 2 % K]
+    cond, _ = pipe.sample(3, "euler", 4, seed=9, labels=res["labels"], progress=False)
+    uncond, _ = pipe.sample(3, "euler", 4, seed=9, labels=[K] * 3, progress=False)
+    np.testing.assert_array_equal(res["images"][:, 0], cond)
+    np.testing.assert_array_equal(res["images"][:, 1], uncond)
+    std = np.asarray(cond, np.float64).std(0, ddof=1).mean()
+    assert res["rows"][0] == dict(scale=1.0, pixel_std=pytest.approx(std, rel=1e-12))
+    with pytest.raises(UsageError, match="classifier"):
+        analyze.guidance_sweep(pipe, [1.0], guide="classifier")
+
+
 # ----------------------------------------------------------------------------- command line
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
@@ -190,6 +240,8 @@ def model_and_data(tmp_path_factory):
     ("progressive", ["--steps", "10", "--num", "2", "--columns", "3"], 3, "t,rmse_to_final"),
     ("shared-latents", ["--steps", "10", "--continuations", "2"], 4, "t,requested,spread"),
     ("coarse-to-fine", ["--steps", "10", "--t", "0,50", "--frames", "3"], 2, "t,requested,rmse_a,rmse_b"),
+    ("nearest-neighbours", ["--k", "2", "--heldout-split", "none"], 4,
+     "sample,nn,distance,neighbours"),
 ])
 def test_cli_writes_figure_and_numbers(model_and_data, tmp_path, analysis, extra, rows, header):
     """Every `gaussdiff analyze` command writes its PNG, the JSON (with the command line) and
@@ -200,6 +252,8 @@ def test_cli_writes_figure_and_numbers(model_and_data, tmp_path, analysis, extra
     args = ["analyze", analysis, "--model", model, "--out", str(out), "--no-progress", "--device", "cpu"]
     if analysis in ("noise-levels", "rate-distortion", "coarse-to-fine"):
         args += ["--data", data]
+    if analysis == "nearest-neighbours":   # samples vs the training set, held-out: its test split
+        args = ["analyze", analysis, data, "--train", data, "--out", str(out), "--no-progress"]
     assert main(args + extra) == 0
     rec = json.loads((tmp_path / "fig.json").read_text())
     assert len(rec["rows"]) == rows and analysis in rec["command"]
