@@ -118,18 +118,20 @@ def plot_rate_distortion(result: dict, out: str):
 
 
 # ----------------------------------------------------------------------------- noise levels
+OVERSHOOT = 0.05   # margin of noise_levels' out_of_range share, in [-1, 1] units
 DEFAULT_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 80.0)
 
 
 @torch.no_grad()
 def noise_levels(pipe: Pipeline, images: np.ndarray, sigmas: Sequence[float] = DEFAULT_SIGMAS,
-                 labels=None, seed: int = 0, batch_size: int = 64) -> dict:
+                 labels=None, seed: int = 0, batch_size: int = 64, show: int = 8) -> dict:
     """EDM Fig. 1: each image noised to x = y + σ·n at every σ and the model's denoised
     estimate D(x; σ) (discrete-time models through their DiscreteDenoiser, unclipped). Image
     i's noise n depends only on (seed, i) and is the same at every σ. Returns per σ the RMSE of
     D against the clean image (mean over images, [0, 255]) and the share of denoised pixels
-    outside [-1, 1] (an overshooting denoiser); "grid" shows, per image, a row of noisy inputs
-    above a row of denoised estimates."""
+    more than OVERSHOOT (≈ 6 levels of 255) outside [-1, 1] (an overshooting denoiser, the
+    cause of blown-out samples); "grid" shows, for the first `show` images, a row of noisy
+    inputs above a row of denoised estimates."""
     if pipe.task != "generate":
         raise UsageError(f"{pipe.path or 'this model'} is an upsampler: noise-levels needs a model "
                          f"that denoises on its own")
@@ -155,11 +157,12 @@ def noise_levels(pipe: Pipeline, images: np.ndarray, sigmas: Sequence[float] = D
             x = y + s * n
             d = D(x, torch.full((len(idx),), float(s), device=device, dtype=dtype), **kwargs).to(dtype)
             sq[j] += float(((d - y) ** 2).flatten(1).mean(1).sum())
-            out_of_range[j] += float((d.abs() > 1).double().flatten(1).mean(1).sum())
+            out_of_range[j] += float((d.abs() > 1 + OVERSHOOT).double().flatten(1).mean(1).sum())
             noisy_b.append(to_uint8(x.clamp(-1, 1)))
             den_b.append(to_uint8(d.clamp(-1, 1)))
-        noisy_all.append(np.stack(noisy_b, 1))
-        den_all.append(np.stack(den_b, 1))
+        if start < show:
+            noisy_all.append(np.stack(noisy_b, 1)[:show - start])
+            den_all.append(np.stack(den_b, 1)[:show - start])
     N = len(images)
     for j, s in enumerate(sigmas):
         rows.append(dict(sigma=float(s), rmse=float(np.sqrt(sq[j] / N)) * PIXEL,

@@ -104,16 +104,26 @@ def test_noise_levels_match_the_exact_denoiser():
     base = exact_pipe()
     D = GaussianDenoiser(mu=0.1, s=S)
     pipe = Pipeline(D, base.diffusion, dict(base.config, precond={"type": "edm", "sigma_data": 0.5}), "", D)
-    images = gaussian_images(2048, mu=0.1, seed=3)
+    images = gaussian_images(8192, mu=0.1, seed=3)
     y = images.astype(np.float64) / 127.5 - 1
     v = float(((y - 0.1) ** 2).mean())
     sigmas = (0.1, 0.5, 2.0, 20.0)
-    res = analyze.noise_levels(pipe, images, sigmas, batch_size=512)
+    res = analyze.noise_levels(pipe, images, sigmas, batch_size=4096)
     for row, s in zip(res["rows"], sigmas):
         a = S * S / (S * S + s * s)
         want = math.sqrt((1 - a) ** 2 * v + a * a * s * s) * 127.5
         assert row["sigma"] == s and row["rmse"] == pytest.approx(want, rel=0.02), s
     assert res["grid"].dtype == np.uint8 and res["grid"].ndim == 3
+    # out_of_range: with a wider denoiser (s' = 1.5), d = μ + a·(y − μ) + a·σ·n is normal given
+    # y, so the share beyond ±(1 + OVERSHOOT) is the mean over pixels of its two tails
+    from scipy.stats import norm
+    wide = GaussianDenoiser(mu=0.1, s=1.5)
+    pipe = Pipeline(wide, base.diffusion, pipe.config, "", wide)
+    res = analyze.noise_levels(pipe, images, (0.5,), batch_size=4096)
+    a = 2.25 / (2.25 + 0.25)
+    m, sd, lim = 0.1 + a * (y - 0.1), a * 0.5, 1 + analyze.OVERSHOOT
+    want = float((norm.sf((lim - m) / sd) + norm.cdf((-lim - m) / sd)).mean())
+    assert want > 0.04 and res["rows"][0]["out_of_range"] == pytest.approx(want, rel=0.05)
     with pytest.raises(UsageError, match="outside the model's noise range"):   # below its σ_min
         analyze.noise_levels(exact_pipe(), images[:2], (1e-6,))
 
