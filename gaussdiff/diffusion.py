@@ -62,7 +62,7 @@ class GaussianDiffusion:
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.hybrid_lambda, self.vb_stop_grad = float(hybrid_lambda), bool(vb_stop_grad)
         self.original_betas = np.asarray(betas, dtype=np.float64)
-        if self.original_betas.ndim != 1 or np.any(self.original_betas <= 0) or np.any(self.original_betas >= 1):
+        if self.original_betas.ndim != 1 or not np.all((self.original_betas > 0) & (self.original_betas < 1)):
             raise UsageError("betas must be a 1-D array with values in (0, 1)")
         self.original_num_steps = len(self.original_betas)
         orig_alphas_cumprod = np.cumprod(1.0 - self.original_betas)

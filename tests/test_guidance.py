@@ -20,8 +20,10 @@ from gaussdiff.cli import main as cli_main
 from gaussdiff.denoisers import DiscreteDenoiser
 from gaussdiff.diffusion import make_diffusion
 from gaussdiff.errors import UsageError
+from gaussdiff.modeldir import Pipeline
 from gaussdiff.guidance import (ClassifierCondFn, ClassifierFree, ClassifierGuidedDenoiser,
-                                EpsTemperature, Guidance, eps_offset, table_sigma)
+                                EpsTemperature, Guidance, WithoutLabels, classifier_grad, eps_offset,
+                                table_sigma)
 from gaussdiff.nn.encoder import AttentionPool2d, EncoderConfig, EncoderUNetModel
 from gaussdiff.rng import per_sample_generators
 from gaussdiff.train import DEFAULTS, Trainer
@@ -486,3 +488,269 @@ def test_noisy_classifier_log_prob_and_sigma_form_from_first_principles(dirs):
     before = cls.sigma_log_prob(x, s, labels)
     after = cls.sigma_log_prob(x + step, s, labels)
     assert (after >= before - 1e-6).all() and float((after - before).sum()) > 1e-4
+
+
+# ----------------------------------------------------------------------- the wrappers, exactly
+E = torch.randn((NUM_CLASSES + 1,) + SHAPE[1:], generator=torch.Generator().manual_seed(8), dtype=F64)
+NULL = NUM_CLASSES
+
+
+def cond_net(x, s, y=None, low_res=None, gain=1.0, table=None, shift=None):
+    """An analytic conditional network (or denoiser) with label embedding E (row NULL: no label;
+    label weights [B, K + 1] embed as y @ E) that uses every kind of extra argument: a per-row
+    tensor low_res [B, ...], a number gain, a table [5] (not per row) and a 0-dim tensor shift."""
+    emb = torch.einsum("bk,kchw->bchw", y.to(F64), E) if y.is_floating_point() else E[y]
+    out = gain * torch.tanh(0.6 * x) + emb.to(x.dtype) * (1 + 0.1 * s.to(x.dtype).reshape(-1, 1, 1, 1))
+    if low_res is not None:
+        out = out + 0.3 * low_res
+    if table is not None:
+        out = out + table.sum()
+    if shift is not None:
+        out = out - shift
+    return out
+
+
+class QuadraticClassifier:
+    """An analytic noisy classifier, log p(y | x_t) = −|x_t − G_y|²/2 + const, so that
+    ∇_{x_t} = G_y − x_t depends on where it is taken; in σ-space it sees x_t = x/sqrt(1 + σ²)."""
+
+    def __init__(self, num_classes=NUM_CLASSES):
+        self.num_classes = num_classes
+
+    def discrete_log_prob(self, alphas_cumprod):
+        return lambda x_t, t, y: -0.5 * ((x_t - G[y]) ** 2).flatten(1).sum(1)
+
+    def sigma_log_prob(self, x, sigma, y):
+        return self.discrete_log_prob(None)(x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt(), None, y)
+
+
+def _pipe(mean_type="eps", null_class=True, path=""):
+    """A Pipeline of a 3-class model on the linear T = 60 diffusion (the network is not used)."""
+    return Pipeline(model=None, diffusion=make_diffusion("linear", T, mean_type, "fixed_small"),
+                    config={"model": {"num_classes": NUM_CLASSES, "null_class": null_class}}, path=path)
+
+
+def _raises(message, fn, *args, **kwargs):
+    """fn(*args, **kwargs) raises a UsageError whose text is exactly `message`."""
+    with pytest.raises(UsageError) as e:
+        fn(*args, **kwargs)
+    assert str(e.value) == message
+
+
+NOT_STOCHASTIC = ("temperature mode noise scales the noise a sampler adds; {} adds none here: use "
+                  "--temperature-mode eps, or a stochastic sampler (ddpm, --eta > 0, --churn > 0, "
+                  "euler_ancestral)")
+MEAN_ONLY_DDPM = ("the gradient at the predicted mean applies to classifier guidance with the ddpm "
+                  "sampler (others take the score at x_t)")
+
+
+def test_cfg_mixes_each_row_with_its_own_conditioning():
+    """Ho & Salimans eq. 6 row by row, D_w = D_u + w·(D_c − D_u), D_c and D_u the network on the B
+    rows alone: per-row tensors (low_res [B, ...]) go with their rows into the batch of 2B, other
+    arguments (a number, a table [5], a 0-dim tensor) pass unchanged; w = 1 and w = 0 are D_c
+    and D_u bit for bit with the same arguments; w = 2.1 is mixed in float64, not its float32
+    rounding; B = 3 rows of C = 2 channels."""
+    x, s = x_at(10), torch.tensor([0.3, 1.0, 4.0], dtype=F64)
+    cond = dict(low_res=x_at(11), gain=1.5, table=torch.arange(5.0, dtype=F64),
+                shift=torch.tensor(0.25, dtype=F64))
+    c, u = cond_net(x, s, y=Y, **cond), cond_net(x, s, y=torch.full_like(Y, NULL), **cond)
+    assert torch.equal(ClassifierFree(cond_net, 1.0, NULL)(x, s, y=Y, **cond), c)
+    assert torch.equal(ClassifierFree(cond_net, 0.0, NULL)(x, s, y=Y, **cond), u)
+    torch.testing.assert_close(ClassifierFree(cond_net, 2.1, NULL)(x, s, y=Y, **cond), u + 2.1 * (c - u),
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_cfg_with_label_weights_takes_the_one_hot_null_label():
+    """Label weights y [B, K + 1] (interpolated labels): the unconditional half is the null label's
+    embedding E[null], so D_w = D(null) + w·(D(y) − D(null)); null_like gives the one-hot of the
+    null index in y's width and dtype (also for a null label that is not the last column) and
+    integer labels the null index itself."""
+    x, s = x_at(12), torch.tensor([0.3, 1.0, 4.0], dtype=F64)
+    weights = torch.tensor([[0.5, 0.5, 0, 0], [0, 0.2, 0.8, 0], [1, 0, 0, 0]], dtype=F64)
+    c, u = cond_net(x, s, y=weights), cond_net(x, s, y=torch.full_like(Y, NULL))
+    torch.testing.assert_close(ClassifierFree(cond_net, 0.0, NULL)(x, s, y=weights), u, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(ClassifierFree(cond_net, 2.5, NULL)(x, s, y=weights), u + 2.5 * (c - u),
+                               rtol=1e-13, atol=1e-13)
+    null = ClassifierFree(cond_net, 2.5, 1).null_like(torch.zeros(2, 4, dtype=torch.float32))
+    assert null.dtype == torch.float32 and null.tolist() == [[0, 1, 0, 0], [0, 1, 0, 0]]
+    assert ClassifierFree(cond_net, 2.5, NULL).null_like(Y).tolist() == [NULL] * 3
+
+
+def test_cfg_interval_is_closed_and_compares_the_exact_sigma():
+    """Guidance applies for σ ∈ [lo, hi] with both ends included (σ = lo and σ = hi mix, σ > hi is
+    the conditional output), and σ is compared at its exact value: a float32 σ = fl32(0.1) =
+    0.10000000149 lies above hi = 0.1, so that row is conditional."""
+    x, s = x_at(13), torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    c, u = cond_net(x, s, y=Y), cond_net(x, s, y=torch.full_like(Y, NULL))
+    expected = torch.cat([u[:2] + 3 * (c[:2] - u[:2]), c[2:]])
+    torch.testing.assert_close(ClassifierFree(cond_net, 3.0, NULL, (0.5, 1.0))(x, s, y=Y), expected,
+                               rtol=1e-13, atol=1e-13)
+    x32, s32 = x.float(), torch.tensor([0.1, 0.05, 0.2], dtype=torch.float32)
+    inside = [0.05 <= float(v) <= 0.1 for v in s32]
+    assert inside == [False, True, False]
+    c, u = cond_net(x32, s32, y=Y), cond_net(x32, s32, y=torch.full_like(Y, NULL))
+    expected = torch.stack([u[i] + 3 * (c[i] - u[i]) if inside[i] else c[i] for i in range(3)])
+    torch.testing.assert_close(ClassifierFree(cond_net, 3.0, NULL, (0.05, 0.1))(x32, s32, y=Y), expected)
+
+
+def test_eps_temperature_keeps_the_variance_channels():
+    """With a learned variance the network has 2C outputs: ε/τ changes the first C (= 2) channels
+    only; the variance channels pass unchanged."""
+    diffusion = make_diffusion("linear", T, "eps", "learned_range")
+    F, x, t, tau = toy_model(True), x_at(14), torch.tensor([3, 30, 59]), 0.8
+    out, ref = EpsTemperature(F, tau, eps_offset(diffusion.alphas_cumprod, "eps"))(x, t, y=Y), F(x, t, y=Y)
+    torch.testing.assert_close(out[:, :2], ref[:, :2] / tau, rtol=1e-14, atol=0)
+    assert torch.equal(out[:, 2:], ref[:, 2:])
+
+
+def test_wrappers_pass_the_other_conditioning_through():
+    """WithoutLabels drops y only; ClassifierGuidedDenoiser gives D its other arguments too
+    (D̂ − D(x, σ, y, low_res) = s·σ²·G_y/sqrt(1 + σ²)); classifier_grad passes keyword arguments
+    to log_prob (∇_x Σ c·x² = 2c·x). Without labels the guidance wrappers refuse to run."""
+    x, low_res, sigma = x_at(15), x_at(16), torch.tensor([0.5, 1.7, 3.0], dtype=F64)
+
+    def uncond(x, s, low_res=None):
+        return 0.5 * x + low_res
+    assert torch.equal(WithoutLabels(uncond)(x, sigma, y=Y, low_res=low_res), 0.5 * x + low_res)
+    guided = ClassifierGuidedDenoiser(cond_net, sigma_log_prob, 2.0)
+    s2 = sigma.reshape(-1, 1, 1, 1) ** 2
+    torch.testing.assert_close(guided(x, sigma, y=Y, low_res=low_res) - cond_net(x, sigma, y=Y, low_res=low_res),
+                               2.0 * s2 * G[Y] / (1 + s2).sqrt(), rtol=1e-12, atol=1e-12)
+    grad = classifier_grad(lambda x, c: c * (x ** 2).flatten(1).sum(1), x, c=1.5)
+    torch.testing.assert_close(grad, 3.0 * x, rtol=1e-15, atol=0)
+    for wrapper in (ClassifierCondFn(log_prob, 1.0), guided):
+        _raises("classifier guidance needs class labels y", wrapper, x, sigma)
+    _raises("classifier-free guidance needs class labels y", ClassifierFree(cond_net, 2.0, NULL), x, sigma)
+
+
+def test_table_sigma_and_eps_offset_closed_forms():
+    """table_sigma: σ(t) = sqrt(1/ᾱ_t − 1) at integer t, linear between neighbours at fractional t
+    (t of any dtype, bfloat16 too), in float64 even for a float32 ᾱ table (1/ᾱ − 1 from its exact
+    values, not in float32); eps_offset: A(t) = 0, 1/sqrt(ᾱ_t) and −sqrt(1/ᾱ_t − 1) for eps, x0
+    and v, in float64 likewise."""
+    a32 = make_diffusion("linear", T).alphas_cumprod.astype(np.float32)
+    a = [float(v) for v in a32]
+    sig = [math.sqrt(1 / v - 1) for v in a]
+    sigma_of, t = table_sigma(a32), [0, 1, 30, 59]
+    np.testing.assert_allclose(sigma_of(torch.tensor(t)).numpy(), [sig[i] for i in t], rtol=1e-13, atol=0)
+    frac = torch.tensor([0.5, 10.25, 58.75], dtype=torch.bfloat16)
+    np.testing.assert_allclose(sigma_of(frac).numpy(), [(sig[0] + sig[1]) / 2, 0.75 * sig[10] + 0.25 * sig[11],
+                                                        0.25 * sig[58] + 0.75 * sig[59]], rtol=1e-13, atol=0)
+    for mean_type, ref in (("eps", [0.0] * T), ("x0", [1 / math.sqrt(v) for v in a]), ("v", [-v for v in sig])):
+        A = eps_offset(a32, mean_type)(torch.tensor(t))
+        assert A.dtype == F64
+        np.testing.assert_allclose(A.numpy(), [ref[i] for i in t], rtol=1e-14, atol=0)
+
+
+# ----------------------------------------------------------------------- Guidance
+def test_guidance_checks_its_settings():
+    """Guidance(...) refuses bad settings with one line naming the choices or the range; the cfg
+    interval's closed ends (lo = 0, lo = hi) are accepted."""
+    for kwargs, message in (
+            (dict(grad_at="mu"), "unknown gradient point 'mu': choose one of x_t, mean"),
+            (dict(temperature_mode="cold"), "unknown temperature mode 'cold': choose one of noise, eps"),
+            (dict(temperature=0.0), "--temperature 0.0: must be positive (1: off)"),
+            (dict(cfg_scale=2.0, cfg_interval=(2.0, 1.0)), "--cfg-interval LO,HI needs 0 <= LO <= HI, got 2.0,1.0"),
+            (dict(cfg_scale=2.0, cfg_interval=(-1, 1)), "--cfg-interval LO,HI needs 0 <= LO <= HI, got -1,1"),
+            (dict(cfg_interval=(0.5, 1.0)), "--cfg-interval applies with --cfg-scale")):
+        _raises(message, Guidance, **kwargs)
+    Guidance(cfg_scale=2.0, cfg_interval=(0.0, 1.0))
+    Guidance(cfg_scale=2.0, cfg_interval=(0.5, 0.5))
+
+
+def test_guidance_refuses_what_the_model_or_sampler_cannot_do():
+    """One line naming the model directory ("this model" for a pipeline without one): classifier-
+    free guidance without a null label, a classifier with another number of classes, the gradient
+    at the mean other than with a classifier and ddpm; a noise temperature for a sampler that adds
+    no noise, or together with --snoise."""
+    no_null = ("{}: classifier-free guidance needs a model trained with --label-dropout (it has no "
+               "null label)")
+    cls = QuadraticClassifier()
+    for guidance, pipe, sampler, message in (
+            (Guidance(cfg_scale=2.0), _pipe(null_class=False), "ddpm", no_null.format("this model")),
+            (Guidance(cfg_scale=2.0), _pipe(null_class=False, path="runs/m"), "heun", no_null.format("runs/m")),
+            (Guidance(QuadraticClassifier(5)), _pipe(), "ddim", "this model has 3 classes, the classifier 5"),
+            (Guidance(cls, grad_at="mean"), _pipe(), "ddim", MEAN_ONLY_DDPM),
+            (Guidance(cls, grad_at="mean"), _pipe(), "heun", MEAN_ONLY_DDPM),
+            (Guidance(grad_at="mean"), _pipe(), "ddpm", MEAN_ONLY_DDPM),
+            (Guidance(temperature=0.5), _pipe(), "ddim", NOT_STOCHASTIC.format("ddim")),
+            (Guidance(temperature=0.5), _pipe(), "heun", NOT_STOCHASTIC.format("heun")),
+            (Guidance(temperature=0.5), _pipe(), "dpmpp_2m", NOT_STOCHASTIC.format("dpmpp_2m"))):
+        if sampler in ("ddpm", "ddim"):
+            _raises(message, guidance.for_discrete, pipe, sampler, {})
+        else:
+            _raises(message, guidance.for_sigma_space, pipe, cond_net, sampler, {}, False)
+    for sampler, options in (("euler_ancestral", {"eta": 0.0}), ("ddim_sigma", {"eta": 0.0})):
+        _raises(NOT_STOCHASTIC.format(sampler), Guidance(temperature=0.5).for_sigma_space, _pipe(), cond_net,
+                sampler, options, False)
+    _raises("--snoise and --temperature-mode noise both set the noise scale: give one",
+            Guidance(temperature=0.5).for_sigma_space, _pipe(), cond_net, "heun",
+            {"churn": 1.0, "noise_scale": 0.9}, False)
+
+
+def test_for_discrete_wraps_cfg_on_the_sigma_interval_then_eps_temperature():
+    """Guidance.for_discrete on a v-prediction model: wrap(F) mixes w only where σ(t) = sqrt(1/ᾱ_t
+    − 1) of the model's table is in the interval (σ, not t), then divides ε by τ = 2: out' =
+    A·x_t + (out_w − A·x_t)/τ with A = −sqrt(1/ᾱ_t − 1); the loop gets no noise scale. In noise
+    mode the network is untouched and ddpm (and ddim with η > 0) get noise_scale = τ."""
+    pipe = _pipe("v")
+    a = pipe.diffusion.alphas_cumprod
+    x, t = x_at(17), torch.tensor([5, 30, 55])
+    sig = np.sqrt(1 / a - 1)
+    lo, hi = 0.9 * sig[30], 1.1 * sig[30]
+    assert [bool(lo <= sig[i] <= hi) for i in t] == [False, True, False] and not any(lo <= i <= hi for i in t)
+    wrap, loop = Guidance(cfg_scale=2.5, cfg_interval=(lo, hi), temperature=2.0,
+                          temperature_mode="eps").for_discrete(pipe, "ddim", {})
+    assert loop == {}
+    c, u = cond_net(x, t, y=Y), cond_net(x, t, y=torch.full_like(Y, NULL))
+    out_w = torch.stack([c[0], u[1] + 2.5 * (c[1] - u[1]), c[2]])
+    A = torch.tensor([-math.sqrt(1 / a[i] - 1) for i in t], dtype=F64).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(wrap(cond_net)(x, t, y=Y), A * x + (out_w - A * x) / 2, rtol=1e-12, atol=1e-12)
+    for sampler, options in (("ddpm", {}), ("ddim", {"eta": 0.5})):
+        wrap, loop = Guidance(temperature=0.5).for_discrete(pipe, sampler, options)
+        assert loop == {"noise_scale": 0.5}
+        assert torch.equal(wrap(cond_net)(x, t, y=Y), cond_net(x, t, y=Y))
+
+
+def test_for_discrete_classifier_guidance_takes_the_gradient_where_asked():
+    """Classifier guidance in the discrete loops: ddpm's cond_fn is s·∇ log p_φ, taken at x_t, or
+    at the unguided mean μ with grad_at="mean": the step's mean moves by s·Σ·(G_y − x_t), or
+    s·Σ·(G_y − μ) (the classifier's gradient is G_y − x there); ddim gets clip_guided as set."""
+    pipe = _pipe()
+    diffusion, F, x, t, kw, s = pipe.diffusion, toy_model(), x_at(18), torch.full((3,), 20), {"y": Y}, 1.5
+    out = diffusion.p_mean_variance(F, x, t, model_kwargs=kw)
+    plain = diffusion.p_sample(F, x, t, model_kwargs=kw, generator=gens())["sample"]
+    for grad_at, at in (("mean", out["mean"]), ("x_t", x)):
+        _, loop = Guidance(QuadraticClassifier(), s, grad_at=grad_at).for_discrete(pipe, "ddpm", {})
+        guided = diffusion.p_sample(F, x, t, model_kwargs=kw, generator=gens(), **loop)["sample"]
+        torch.testing.assert_close(guided - plain, s * out["variance"] * (G[Y] - at), rtol=1e-9, atol=1e-13)
+    for clip in (True, False):
+        _, loop = Guidance(QuadraticClassifier(), s, clip_guided=clip).for_discrete(pipe, "ddim", {})
+        assert set(loop) == {"cond_fn", "clip_guided"} and loop["clip_guided"] is clip
+
+
+def test_for_sigma_space_order_of_wrappers_and_noise_options():
+    """Guidance.for_sigma_space: CFG (w on σ ∈ [lo, hi] only) and ε/τ on the raw D, D' = x +
+    (D_w − x)/τ; with a classifier D̂ = D + s·σ²·(G_y − x_t)/sqrt(1 + σ²), x_t = x/sqrt(1 + σ²),
+    clamped to [-1, 1] only with clip_denoised (before the shift) and clip_guided (after it);
+    a noise temperature becomes noise_scale = τ for the samplers that add noise (churn > 0,
+    η > 0, euler_ancestral at its default η = 1)."""
+    pipe, x, sigma = _pipe(), 3 * x_at(19), torch.tensor([0.7, 1.5, 3.0], dtype=F64)
+    den, opts = Guidance(cfg_scale=2.5, cfg_interval=(0.5, 2.0), temperature=2.0,
+                         temperature_mode="eps").for_sigma_space(pipe, cond_net, "heun", {}, False)
+    c, u = cond_net(x, sigma, y=Y), cond_net(x, sigma, y=torch.full_like(Y, NULL))
+    D_w = torch.cat([u[:2] + 2.5 * (c[:2] - u[:2]), c[2:]])
+    assert opts == {}
+    torch.testing.assert_close(den(x, sigma, y=Y), x + (D_w - x) / 2, rtol=1e-12, atol=1e-12)
+    s2 = sigma.reshape(-1, 1, 1, 1) ** 2
+    shift = 3.0 * s2 * (G[Y] - x / (1 + s2).sqrt()) / (1 + s2).sqrt()
+    assert (c + shift).abs().max() > 2
+    for clip_denoised, clip_guided, expected in ((False, True, c + shift), (True, False, c.clamp(-1, 1) + shift),
+                                                 (True, True, (c.clamp(-1, 1) + shift).clamp(-1, 1))):
+        den, _ = Guidance(QuadraticClassifier(), 3.0, clip_guided=clip_guided).for_sigma_space(
+            pipe, cond_net, "euler", {}, clip_denoised)
+        torch.testing.assert_close(den(x, sigma, y=Y), expected, rtol=1e-12, atol=1e-12)
+    for sampler, options in (("heun", {"churn": 0.5}), ("euler", {"churn": 2.0}), ("ddim_sigma", {"eta": 0.5}),
+                             ("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.3})):
+        _, opts = Guidance(temperature=0.5).for_sigma_space(pipe, cond_net, sampler, options, False)
+        assert opts == {**options, "noise_scale": 0.5}

@@ -126,6 +126,123 @@ def test_denoiser_identity_network_edm():
     torch.testing.assert_close(D(x, sigma), (c_skip + c_out * c_in)[:, None, None, None] * x)
 
 
+class ParamRecorder(Recorder):
+    """A Recorder with one parameter of `dtype`, so that F_θ runs in that dtype."""
+
+    def __init__(self, scale=0.0, dtype=torch.float32):
+        super().__init__(scale)
+        self.weight = nn.Parameter(torch.ones((), dtype=dtype))
+
+
+def test_denoiser_sigma_as_number_or_column_is_read_in_x_dtype():
+    """σ given as a Python number is used in x's dtype: at σ = 0.1 (not a float32 number) EDM's
+    c_skip = σd²/(σ² + σd²) and c_noise = ¼ ln σ are exact to float64 precision; σ given as
+    [B, 1, 1, 1] (NVlabs/edm's shape) is read as [B]."""
+    F = Recorder(0.0)
+    D = EDMPrecond(F)
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(D(x, 0.1), 0.25 / (0.1 ** 2 + 0.25) * x, rtol=1e-14, atol=0)
+    torch.testing.assert_close(F.calls[-1][1], torch.full((3,), math.log(0.1) / 4, dtype=torch.float64),
+                               rtol=1e-14, atol=0)
+    sigma = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    assert torch.equal(D(x, sigma.reshape(-1, 1, 1, 1)), D(x, sigma))
+
+
+def test_denoiser_runs_network_in_its_dtype_and_returns_x_dtype():
+    """F_θ receives c_in·x and c_noise in its parameters' dtype, and D(x; σ) comes back in x's
+    dtype: float64 x with a float32 network, float32 x with a float64 network; the values are
+    EDM eq. 7 with F(z) = ½z, (c_skip + ½c_out·c_in)·x, to the precision of the lower dtype."""
+    sigma = torch.tensor([0.3, 3.0], dtype=torch.float64)
+    sd = 0.5
+    factor = (sd ** 2 + 0.5 * sigma * sd) / (sigma ** 2 + sd ** 2)
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    for x_dtype, net_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        F = ParamRecorder(0.5, net_dtype)
+        out = EDMPrecond(F)(x.to(x_dtype), sigma.to(x_dtype))
+        fx, fc, _ = F.calls[-1]
+        assert out.dtype == x_dtype and fx.dtype == fc.dtype == net_dtype
+        torch.testing.assert_close(fc.double(), sigma.log() / 4, rtol=1e-6, atol=0)
+        torch.testing.assert_close(out.double(), factor[:, None, None, None] * x, rtol=1e-6, atol=0)
+
+
+def test_vp_sigma_takes_numbers_in_float64_and_tensors_in_their_dtype():
+    """vp_sigma(t) = sqrt(exp(½β_d t² + β_min t) − 1) and vp_sigma_inv(σ) =
+    (sqrt(β_min² + 2β_d ln(1 + σ²)) − β_min)/β_d accept numbers (float64 results, to 1e-14 of the
+    closed forms) and tensors (the result keeps the tensor's dtype)."""
+    t, s = 0.5, 2.0
+    sigma_t = math.sqrt(math.exp(0.5 * 19.9 * t ** 2 + 0.1 * t) - 1)
+    t_s = (math.sqrt(0.1 ** 2 + 2 * 19.9 * math.log(1 + s ** 2)) - 0.1) / 19.9
+    a, b = vp_sigma(t), vp_sigma_inv(s)
+    assert a.dtype == b.dtype == torch.float64
+    assert float(a) == pytest.approx(sigma_t, rel=1e-14) and float(b) == pytest.approx(t_s, rel=1e-14)
+    for dtype in (torch.float32, torch.float64):
+        a, b = vp_sigma(torch.tensor([t], dtype=dtype)), vp_sigma_inv(torch.tensor([s], dtype=dtype))
+        assert a.dtype == b.dtype == dtype
+        assert float(a) == pytest.approx(sigma_t, rel=1e-6) and float(b) == pytest.approx(t_s, rel=1e-6)
+
+
+def test_vp_with_other_betas_uses_them_everywhere():
+    """VP with β_d = 10, β_min = 2, ε_t = 0.01, M = 100: σ_min = σ(ε_t), σ_max = σ(1) and
+    c_noise(σ(t)) = 99·t, with the closed form σ(t) = sqrt(exp(½β_d t² + β_min t) − 1); VPLoss with
+    those β and ε_t = 0.5 draws σ ∈ [σ(0.5), σ(1)] with σ⁻¹(σ) ~ U(0.5, 1) (mean within 5 s.e.)."""
+    sig = lambda t: math.sqrt(math.expm1(0.5 * 10 * t * t + 2 * t))
+    inv = lambda s: (math.sqrt(4 + 20 * math.log1p(s * s)) - 2) / 10
+    p = VPPrecond(Recorder(), beta_d=10, beta_min=2, epsilon_t=0.01, M=100)
+    assert p.sigma_min == pytest.approx(sig(0.01), rel=1e-12)
+    assert p.sigma_max == pytest.approx(sig(1.0), rel=1e-12)
+    t = [0.01, 0.2, 0.7, 1.0]
+    s = torch.tensor([sig(v) for v in t], dtype=torch.float64)
+    torch.testing.assert_close(p.coefficients(s)[3], 99 * torch.tensor(t, dtype=torch.float64),
+                               rtol=1e-10, atol=0)
+    n = 4000
+    sigma = VPLoss(beta_d=10, beta_min=2, epsilon_t=0.5).sample_sigma(n, torch.Generator().manual_seed(3))
+    assert sigma.min() >= sig(0.5) * (1 - 1e-12) and sigma.max() <= sig(1.0) * (1 + 1e-12)
+    t_drawn = [inv(v) for v in sigma.tolist()]
+    assert abs(sum(t_drawn) / n - 0.75) < 5 * 0.5 / math.sqrt(12 * n)
+
+
+def _iddpm_u_ref(C1, C2, M):
+    """EDM Table 1's iDDPM levels in plain Python: u_M = 0, ᾱ_j = sin²(π/2·j/(M(C2 + 1))),
+    u_{j−1} = sqrt((u_j² + 1)/max(ᾱ_{j−1}/ᾱ_j, C1) − 1)."""
+    ab = lambda j: math.sin(0.5 * math.pi * j / (M * (C2 + 1))) ** 2
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(ab(j - 1) / ab(j), C1) - 1)
+    return torch.tensor(u, dtype=torch.float64)
+
+
+def test_iddpm_other_parameters_reach_levels_loss_and_rounding():
+    """iDDPM with C1 = 0.02, C2 = 0.05, M = 8: the precond's levels are EDM's recursion with those
+    parameters (C1 sets u_0, since ᾱ_0 = 0), [σ_min, σ_max] = [u_{M−1}, u_0]; the loss draws every
+    u_0..u_{M−1}; round_sigma(σ) is the nearest u_j in σ's dtype (its index j on request)."""
+    C1, C2, M = 0.02, 0.05, 8
+    u = _iddpm_u_ref(C1, C2, M)
+    p = iDDPMPrecond(Recorder(), C1=C1, C2=C2, M=M)
+    torch.testing.assert_close(p.u, u, rtol=1e-12, atol=0)
+    assert p.sigma_max == pytest.approx(float(u[0]), rel=1e-12)
+    assert p.sigma_min == pytest.approx(float(u[M - 1]), rel=1e-12)
+    s = iDDPMLoss(C1=C1, C2=C2, M=M).sample_sigma(400, torch.Generator().manual_seed(0))
+    j = (s[:, None] - u[None]).abs().argmin(1)
+    torch.testing.assert_close(s, u[j], rtol=1e-12, atol=0)
+    assert sorted(set(j.tolist())) == list(range(M))
+    near = u[:M] * (1 + 1e-3)
+    torch.testing.assert_close(p.round_sigma(near), u[:M], rtol=1e-12, atol=0)
+    assert torch.equal(p.round_sigma(near, return_index=True), torch.arange(M))
+    r = p.round_sigma(near.float())
+    assert r.dtype == torch.float32 and torch.equal(r, p.u[:M].float())
+
+
+def test_precond_state_dict_holds_only_the_network():
+    """Every preconditioner's state_dict is F_θ's, under "model." (iDDPM's levels u are rebuilt
+    from the config, not saved), so one model.safetensors loads into any of them."""
+    F = ParamRecorder()
+    keys = {"model." + k for k in F.state_dict()}
+    for kind in ("edm", "vp", "ve", "iddpm"):
+        D = make_precond({"type": kind}, F)
+        assert set(D.state_dict()) == keys, kind
+        D.load_state_dict({"model.weight": torch.full((), 2.0)})
+
+
 # ------------------------------------------------------------------------ losses
 def test_edm_sigma_distribution_is_lognormal():
     """EDM: ln σ ~ N(P_mean, P_std²): Monte Carlo mean and std of ln σ (20000 draws, 5 s.e.)."""
@@ -176,6 +293,19 @@ def test_loss_is_effective_weight_times_effective_target_error(kind):
     expect = mean_flat((F(c_in * (y + n), c_noise) - target) ** 2)
     torch.testing.assert_close(out["loss"], expect, rtol=1e-9, atol=0)
     torch.testing.assert_close(out["mse"], mean_flat((D(y + n, sigma) - y) ** 2))
+
+
+def test_loss_passes_conditioning_and_keeps_float32():
+    """model_kwargs reach F_θ through the loss (class labels y); a float32 batch gives σ, loss and
+    mse in float32, σ being the generator's float64 draw rounded to float32."""
+    F = Recorder(0.7)
+    y = torch.rand(3, 1, 4, 4) * 2 - 1
+    labels = torch.tensor([0, 4, 2])
+    out = EDMLoss()(EDMPrecond(F), y, torch.Generator().manual_seed(2), {"y": labels})
+    assert torch.equal(F.calls[-1][2]["y"], labels)
+    sigma = EDMLoss().sample_sigma(3, torch.Generator().manual_seed(2))
+    assert out["sigma"].dtype == out["loss"].dtype == out["mse"].dtype == torch.float32
+    assert torch.equal(out["sigma"], sigma.float())
 
 
 # ------------------------------------------------------------------------ P2 and Min-SNR-γ
@@ -435,3 +565,46 @@ def test_objective_sections_fill_parameters():
         make_precond({"type": "edm", "sigma": 1}, nn.Identity())
     with pytest.raises(UsageError):
         objective_sections("edm", sigma_data=0.0)
+
+
+def test_objective_sections_record_edm_table_defaults_for_every_kind():
+    """Every σ-space objective records EDM Table 1's defaults (VE σ ∈ [0.02, 100]; iDDPM C1 = 0.001,
+    C2 = 0.008, M = 1000; EDM σ_data = 0.5, P_mean = −1.2, P_std = 1.2) and given EDM values as
+    given (any P_std > 0); the sections rebuild the same objects."""
+    expect = {"ve": [dict(sigma_min=0.02, sigma_max=100.0)] * 2,
+              "iddpm": [dict(C1=0.001, C2=0.008, M=1000)] * 2,
+              "edm": [dict(sigma_data=0.5), dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)]}
+    for kind, (pre, obj) in expect.items():
+        assert objective_sections(kind) == ({"type": kind, **pre}, {"type": kind, **obj}), kind
+    v = VEPrecond(Recorder())
+    assert v.sigma_min == 0.02 and v.sigma_max == 100.0
+    pre, obj = objective_sections("edm", sigma_data=0.7, P_mean=-0.4, P_std=0.8)
+    assert pre == {"type": "edm", "sigma_data": 0.7}
+    assert obj == {"type": "edm", "P_mean": -0.4, "P_std": 0.8, "sigma_data": 0.7}
+    assert make_loss(obj) == EDMLoss(P_mean=-0.4, P_std=0.8, sigma_data=0.7)
+    assert make_precond(pre, Recorder()).sigma_data == 0.7
+
+
+def test_config_errors_are_one_line_messages():
+    """A missing or unknown type, bad parameters, an unknown objective and a non-positive
+    σ_data or P_std are UsageErrors whose message names the section and the choices."""
+    net, choices = nn.Identity(), "vp, ve, iddpm, edm"
+    with pytest.raises(UsageError, match=rf"^precond: unknown type 'nope': choose one of {choices}$"):
+        make_precond({"type": "nope"}, net)
+    with pytest.raises(UsageError, match=rf"^precond: unknown type None: choose one of {choices}$"):
+        make_precond({"sigma_data": 0.5}, net)
+    with pytest.raises(UsageError, match=rf"^objective: unknown type 'nope': choose one of {choices}$"):
+        make_loss({"type": "nope"})
+    with pytest.raises(UsageError,
+                       match=r"^precond 'edm': bad parameters \['sigma'\] \(.*argument 'sigma'\)$"):
+        make_precond({"type": "edm", "sigma": 1}, net)
+    with pytest.raises(UsageError, match=r"^objective 've': bad parameters \['sigma_data', "
+                                         r"'sigma_min'\] \(.*argument 'sigma_data'\)$"):
+        make_loss({"type": "ve", "sigma_min": 0.1, "sigma_data": 0.5})
+    with pytest.raises(UsageError,
+                       match=r"^unknown objective 'nope': choose one of ddpm, vp, ve, iddpm, edm$"):
+        objective_sections("nope")
+    with pytest.raises(UsageError, match=r"^--sigma-data and --p-std must be positive, got 0\.5, 0\.0$"):
+        objective_sections("edm", P_std=0.0)
+    with pytest.raises(UsageError, match=r"^--sigma-data and --p-std must be positive, got -1\.0, 1\.2$"):
+        objective_sections("edm", sigma_data=-1.0)

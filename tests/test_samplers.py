@@ -6,6 +6,7 @@ x(σ) = μ + V diag(sqrt((λ + σ²)/(λ + σ0²))) Vᵀ (x(σ0) − μ), with C
 A finite dataset {p_k} has the ideal denoiser D(x; σ) = Σ_k softmax_k(−|x − p_k|²/2σ²) p_k.
 """
 import math
+import re
 
 import numpy as np
 import pytest
@@ -249,6 +250,121 @@ def test_per_seed_reproducibility(name, options):
         one = S.SAMPLERS[name](points_D, x0[i:i + 1], sigmas,
                                generator=per_sample_generators([seed]), **options)
         assert torch.equal(one[0], batch[i]), (name, i)
+
+
+# ----------------------------------------------------------------------------- the contract
+def test_euler_callback_reports_each_step_and_levels_are_exact():
+    """callback(dict(i, sigma, x, denoised, nfe)) after step i: sigma = σ_{i+1}, x the Euler
+    iterate x_{i+1} = x_i + (σ_{i+1} − σ_i)(x_i − D(x_i; σ_i))/σ_i (EDM eq. 4), denoised = D(x_i; σ_i),
+    nfe = i + 1; levels given as a list of numbers are used as float64 (0.1 stays 0.1)."""
+    sigmas = [80.0, 3.0, 0.1, 0.0]
+    x = noise(4, 12, 80.0)
+    seen = []
+    out = S.euler(gauss_D, x, sigmas, callback=seen.append)
+    assert [(info["i"], info["nfe"]) for info in seen] == [(0, 1), (1, 2), (2, 3)]
+    for i, info in enumerate(seen):
+        denoised = gauss_D(x, torch.full((4,), sigmas[i], dtype=F64))
+        x = x + (sigmas[i + 1] - sigmas[i]) * (x - denoised) / sigmas[i]
+        assert info["sigma"] == sigmas[i + 1]
+        torch.testing.assert_close(info["denoised"], denoised, rtol=0, atol=1e-12)
+        torch.testing.assert_close(info["x"], x, rtol=0, atol=1e-12)
+    assert torch.equal(out, seen[-1]["x"])
+
+
+@pytest.mark.parametrize("sigmas", [[1.0], [1.0, 0.5, -0.1], [1.0, 1.0, 0.0], [0.5, 1.0, 0.0]])
+def test_sigmas_must_decrease_to_nonnegative(sigmas):
+    """One level, a negative last level, and equal or increasing neighbours are refused, with a
+    message that shows the levels."""
+    with pytest.raises(ValueError, match=r"^sigmas must be 2 or more levels decreasing to >= 0, "
+                                         rf"got {re.escape(str(sigmas))}$"):
+        S.euler(points_D, noise(1, 0, 1.0), sigmas)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "euler_ancestral", "ddim_sigma", "dpmpp_2m",
+                                  "adaptive"])
+def test_model_kwargs_reach_the_denoiser(name):
+    """model_kwargs are passed to D: one step from σ_0 to 0 is x' = D(x; σ_0, **model_kwargs),
+    here the exact denoiser of N(MU + shift, C)."""
+    def shifted_D(x, sigma, shift):
+        return gauss_D(x - shift, sigma) + shift
+    shift = torch.tensor([2.0, -3.0], dtype=F64)
+    x0 = noise(3, 14, 5.0)
+    x = S.SAMPLERS[name](shifted_D, x0, [5.0, 0.0], model_kwargs={"shift": shift},
+                         generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, shifted_D(x0, torch.full((3,), 5.0, dtype=F64), shift),
+                               rtol=0, atol=1e-12)
+
+
+def _edm_algorithm2(D, x, sigmas, churn, noise_scale, generator, second_order):
+    """EDM Algorithm 2 as printed (S_tmin = 0, S_tmax = ∞: γ_i = min(S_churn/N, √2 − 1) on every
+    step), ε_i ~ N(0, S_noise²I) the generator's next normal of x's shape; without the
+    second-order correction (lines 9-11) it is the Euler variant."""
+    n = len(sigmas) - 1
+    full = lambda t: torch.full((len(x),), t, dtype=x.dtype)
+    for i in range(n):
+        t, t_next = sigmas[i], sigmas[i + 1]
+        gamma = min(churn / n, math.sqrt(2) - 1)
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype) * noise_scale
+        t_hat = t + gamma * t
+        x_hat = x + math.sqrt(t_hat ** 2 - t ** 2) * eps
+        d = (x_hat - D(x_hat, full(t_hat))) / t_hat
+        x = x_hat + (t_next - t_hat) * d
+        if second_order and t_next != 0:
+            d_prime = (x - D(x, full(t_next))) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
+    return x
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+@pytest.mark.parametrize("churn, noise_scale", [(1.0, 1.3), (20.0, 0.7)])
+def test_churn_is_edm_algorithm2(name, churn, noise_scale):
+    """Heun with churn is EDM Algorithm 2 line by line, Euler with churn the same without the
+    correction, for γ_i = S_churn/N = 0.2 and for S_churn/N = 4 capped at √2 − 1, S_noise ≠ 1."""
+    sigmas = karras_sigmas(5, 0.002, 80.0)
+    x0 = MU + noise(6, 13, sigmas[0])
+    x = S.SAMPLERS[name](gauss_D, x0, sigmas, churn=churn, noise_scale=noise_scale,
+                         generator=torch.Generator().manual_seed(4))
+    ref = _edm_algorithm2(gauss_D, x0, sigmas.tolist(), churn, noise_scale,
+                          torch.Generator().manual_seed(4), name == "heun")
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-10)
+
+
+def test_ancestral_step_default_is_ddpm():
+    """η = 1 (the default) is DDPM's ancestral step: σ_up = sqrt(σ'²(σ² − σ'²)/σ²) and
+    σ_down = σ'²/σ; any η gives σ_down² + σ_up² = σ'²."""
+    down, up = S.ancestral_step(2.0, 1.0)
+    assert down == pytest.approx(0.5, rel=1e-14) and up == pytest.approx(math.sqrt(3) / 2, rel=1e-14)
+    down, up = S.ancestral_step(2.0, 1.0, eta=0.5)
+    assert up == pytest.approx(math.sqrt(3) / 4, rel=1e-14)
+    assert down == pytest.approx(math.sqrt(1 - 3 / 16), rel=1e-14)
+
+
+def _ddim_alpha_space(D, x, sigmas, eta, noise_scale, generator):
+    """DDIM (Song et al. eqs. 12 and 16) on x_t = sqrt(ᾱ_t)·x with ᾱ = 1/(1 + σ²):
+    x_{t−1} = sqrt(ᾱ')·x̂_0 + sqrt(1 − ᾱ' − σ_t²)·ε̂ + S_noise·σ_t·z,
+    σ_t = η·sqrt((1 − ᾱ')/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ'), z the generator's next normal when σ_t > 0."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        a, a_next = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+        x_t = math.sqrt(a) * x
+        x0_hat = D(x, torch.full((len(x),), sigma, dtype=x.dtype))
+        eps = (x_t - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
+        sigma_t = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+        x_t = math.sqrt(a_next) * x0_hat + math.sqrt(1 - a_next - sigma_t ** 2) * eps
+        if sigma_t > 0:
+            x_t = x_t + noise_scale * sigma_t * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = x_t / math.sqrt(a_next)
+    return x
+
+
+def test_ddim_with_noise_scale_is_ddim_in_alpha_space_and_defaults_to_euler():
+    """σ-space DDIM with η = 0.6 and S_noise = 1.5 equals DDIM written on x_t = sqrt(ᾱ)·x (the
+    noise scaled by S_noise); without η it is deterministic DDIM, i.e. Euler, bit for bit."""
+    sigmas = karras_sigmas(6, 0.002, 80.0)
+    x0 = MU + noise(5, 15, sigmas[0])
+    x = S.ddim(gauss_D, x0, sigmas, eta=0.6, noise_scale=1.5, generator=torch.Generator().manual_seed(6))
+    ref = _ddim_alpha_space(gauss_D, x0, sigmas.tolist(), 0.6, 1.5, torch.Generator().manual_seed(6))
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-9)
+    assert torch.equal(S.ddim(gauss_D, x0, sigmas), S.euler(gauss_D, x0, sigmas))
 
 
 # ----------------------------------------------------------------------------- discrete models
