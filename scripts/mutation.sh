@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Mutation testing of the numeric core with mutmut (a dev tool, not a dependency):
-#   bash scripts/mutation.sh [COMMIT] [OUT_DIR]
+#   bash scripts/mutation.sh [COMMIT] [OUT_DIR] [NAMES_FILE]
 # checks COMMIT (default HEAD) out into a scratch worktree, mutates the modules below one
 # mutant at a time and runs the tests that cover each mutated function; prints and writes
 # OUT_DIR/mutation-COMMIT.json: killed, survived, no tests, timeouts, kill rate.
 # "Killed / (killed + survived)" counts every survivor as a miss, equivalent mutants included
 # (e.g. device=None or dtype=None on a CPU-only run, a default argument passed explicitly).
+# NAMES_FILE: only the mutants named there, one name or fnmatch pattern per line (a rerun of a
+# previous run's survivors and unchecked mutants after tests were added).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 commit=${1:-HEAD}
 out=${2:-$here/results/mutation}
+names=()
+if [ -n "${3:-}" ]; then mapfile -t names < "$3"; fi
 sha=$(git -C "$here" rev-parse --short "$commit")
 work=$(mktemp -d /tmp/gaussdiff-mutation.XXXXXX)
 git -C "$here" worktree add -f --detach "$work/tree" "$commit" >/dev/null
@@ -31,7 +35,7 @@ done
   for t in $tests; do echo "    $t"; done
 } > setup.cfg
 "$here/.venv/bin/pip" show mutmut >/dev/null 2>&1 || "$here/.venv/bin/pip" install -q mutmut==3.8.1
-OMP_NUM_THREADS=1 "$here/.venv/bin/mutmut" run >"$work/run.log" 2>&1 || true
+OMP_NUM_THREADS=1 "$here/.venv/bin/mutmut" run "${names[@]}" >"$work/run.log" 2>&1 || true
 "$here/.venv/bin/mutmut" results --all true >"$work/results.txt" 2>/dev/null || true
 mkdir -p "$out"
 "$here/.venv/bin/python" - "$work/results.txt" "$out/mutation-$sha.json" "$sha" "$modules" <<'EOF'
