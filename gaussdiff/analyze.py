@@ -209,34 +209,49 @@ def _original_t(diffusion, index: int) -> int:
 
 @torch.no_grad()
 def progressive(pipe: Pipeline, num: int = 8, steps=None, columns: int = 10, seed: int = 0,
-                labels=None, clip_denoised: bool = True, progress: bool = True) -> dict:
+                labels=None, clip_denoised: bool = True, progress: bool = True, show: int = 8,
+                batch_size: int = 64) -> dict:
     """DDPM Figs. 6, 10 and 14: `num` ancestral reverse chains (image i from seed_for(seed, i),
     as `gaussdiff sample --sampler ddpm` draws it) and their x̂_0 predictions at `columns`
     evenly spaced steps, the last being the final sample. Returns per recorded step t the RMSE
     between x̂_0(x_t) and the final samples ([0, 255]: large-scale features settle first), the
     x̂_0 images themselves under "frames" [columns, num, H, W, C] (for a quality metric per
-    step) and "grid" (a row per chain)."""
+    step) and "grid" (a row for each of the first `show` chains). Chains run in batches of
+    `batch_size`; image i does not depend on the batching."""
     diffusion, device = _chain_setup(pipe, steps, "progressive")
     K = diffusion.num_timesteps
     if not 2 <= columns <= K + 1:
         raise UsageError(f"--columns {columns}: between 2 and {K + 1} (the steps + 1)")
     record = sorted(set(np.linspace(K - 1, 0, columns).round().astype(int).tolist()), reverse=True)
-    gens = per_sample_generators([seed_for(seed, i) for i in range(num)])
-    x = torch.stack([torch.randn(pipe.image_shape, generator=g) for g in gens]).to(device)
-    kwargs = _labels(pipe, labels, num, device)
-    frames, ts = [], []
-    bar = tqdm(total=K, desc="progressive (ddpm)", disable=not progress)
+    if pipe.num_classes is None:
+        _labels(pipe, labels, num, device)   # an error if labels were given
+        labels = None
+    elif labels is None:
+        labels = [i % pipe.num_classes for i in range(num)]
+    frames, finals, ts = [], [], []
+    bar = tqdm(total=K * num, desc="progressive (ddpm)", unit="img-step", disable=not progress)
+    for start in range(0, num, batch_size):
+        idx = range(start, min(start + batch_size, num))
+        gens = per_sample_generators([seed_for(seed, i) for i in idx])
+        x = torch.stack([torch.randn(pipe.image_shape, generator=g) for g in gens]).to(device)
+        kwargs = {} if labels is None else \
+            _labels(pipe, np.broadcast_to(labels, (num,))[idx.start:idx.stop], len(idx), device)
+        kept, kept_t = [], []
 
-    def keep(i, x, pred):
-        bar.update(1)
-        if i in record:
-            frames.append(pred.clone())
-            ts.append(_original_t(diffusion, i))
-    final = _reverse(diffusion, pipe.model, x, K - 1, gens, kwargs, clip_denoised, keep)
+        def keep(i, x, pred):
+            bar.update(len(idx))
+            if i in record:
+                kept.append(pred.clone())
+                kept_t.append(_original_t(diffusion, i))
+        finals.append(_reverse(diffusion, pipe.model, x, K - 1, gens, kwargs, clip_denoised, keep))
+        frames.append(kept)
+        ts = kept_t
     bar.close()
+    final = torch.cat(finals)
+    frames = [torch.cat([f[c] for f in frames]) for c in range(len(ts))]
     rows = [dict(t=t, rmse_to_final=_rmse(f, final)) for t, f in zip(ts, frames)]
     u8 = np.stack([to_uint8(f) for f in frames])                     # [columns, num, H, W, C]
-    grid = make_grid(u8.transpose(1, 0, 2, 3, 4).reshape(-1, *u8.shape[2:]), ncols=len(frames), scale=2)
+    grid = make_grid(u8[:, :show].transpose(1, 0, 2, 3, 4).reshape(-1, *u8.shape[2:]), ncols=len(frames), scale=2)
     return dict(num=num, seed=seed, steps=K, rows=rows, frames=u8, grid=grid)
 
 

@@ -165,6 +165,8 @@ def test_progressive_final_column_is_gaussdiff_sample_ddpm():
     ts = [r["t"] for r in res["rows"]]
     assert ts[0] == 50 and ts == sorted(ts, reverse=True) and len(ts) == 6
     assert set(ts) <= {int(s) + 1 for s in pipe.respaced(25).timestep_map}
+    batched = analyze.progressive(pipe, num=5, steps=25, columns=6, seed=7, progress=False, batch_size=2)
+    np.testing.assert_array_equal(batched["frames"], res["frames"])
 
 
 def test_coarse_to_fine_rows_are_affine_in_lambda():
