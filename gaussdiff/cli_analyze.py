@@ -85,6 +85,7 @@ def add_analyze_parser(sub):
     q.add_argument("--num", type=int, default=8, help="reverse chains (8)")
     q.add_argument("--steps", help="a respacing of the ancestral sampler (default: all T steps)")
     q.add_argument("--columns", type=int, default=10, help="recorded steps, the last is the sample (10)")
+    q.add_argument("--show", type=int, default=8, help="chains shown in the grid (8)")
     q.add_argument("--ref", help="also the Fréchet distance of x̂0 at each recorded step against "
                                  "these images (fashion-mnist, an .npz, ...; its --ref-split)")
     q.add_argument("--ref-split", default="test")
@@ -194,7 +195,7 @@ def cmd_progressive(args):
             from .metrics.classifier import load_feature_net
             net = load_feature_net(args.feature_net)
     result = analyze.progressive(pipe, args.num, _steps_or_none(args.steps), args.columns, args.seed,
-                                 labels, progress=not args.no_progress)
+                                 labels, progress=not args.no_progress, show=args.show)
     if reference is not None:
         metric = "fd" if net is not None else "fid"
         for row, frames in zip(result["rows"], result["frames"]):
