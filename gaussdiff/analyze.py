@@ -12,7 +12,7 @@ paper shows images) a uint8 NHWC image grid under "grid"; gaussdiff.cli_analyze 
 - guidance_sweep: ADM Fig. 8, a seed per row, the guidance scale growing along it.
 
 Timesteps are the papers' t = 1..T (the number of noising steps applied: x_t); index t - 1
-of the diffusion's tables, as API_CONVENTIONS.md fixes. Pixel errors are RMSE on the
+of the diffusion's tables, as docs/conventions.md fixes. Pixel errors are RMSE on the
 [0, 255] scale, as DDPM Table 4 reports them (x in [-1, 1] times 127.5).
 """
 from __future__ import annotations

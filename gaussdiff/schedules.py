@@ -2,7 +2,7 @@
 
 `beta_schedule` gives the β table of a discrete diffusion; `space_timesteps` picks a subset of
 its steps for fast sampling, reproducing improved-diffusion's algorithm exactly (see
-API_CONVENTIONS.md). `karras_sigmas`, `vp_sigmas`, `ve_sigmas` and `iddpm_sigmas` give the noise
+docs/conventions.md). `karras_sigmas`, `vp_sigmas`, `ve_sigmas` and `iddpm_sigmas` give the noise
 levels σ_0 > ... > σ_N = 0 of σ-space samplers (EDM Table 1); `EDMODE`, `VEODE` and `VPODE` the
 σ(t), s(t) of its general ODE.
 """

@@ -104,7 +104,7 @@ def test_posterior_is_bayes_rule(name):
     mean0, var0, log_var0 = d.q_posterior_mean_variance(x0[:3], xt[:3], t0)
     torch.testing.assert_close(mean0, x0[:3], rtol=1e-12, atol=1e-12)
     assert torch.all(var0 == 0)
-    # β̃_0 = 0, so the log is clipped with β̃_1 (API_CONVENTIONS "Variances at t = 0")
+    # β̃_0 = 0, so the log is clipped with β̃_1 (docs/conventions.md "Variances at t = 0")
     torch.testing.assert_close(log_var0.expand(3, 2, 3), ref_var[:1].log().expand(3, 2, 3),
                                rtol=1e-9, atol=0)
 
@@ -206,7 +206,7 @@ def test_parameterisations_recover_x0(name, mean_type):
 @pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
 def test_mse_target_per_mean_type(name, mean_type):
     """L_simple regresses the mean_type's target: ε, x_0, or v = sqrt(ᾱ_t)ε - sqrt(1-ᾱ_t)x_0 with ᾱ
-    at the ORIGINAL index (API_CONVENTIONS): a zero output gives mse = mean(target²), the exact
+    at the ORIGINAL index (docs/conventions.md): a zero output gives mse = mean(target²), the exact
     target gives 0."""
     d = DIFFUSIONS[name](mean_type=mean_type)
     N = d.num_timesteps

@@ -89,7 +89,7 @@ def test_unknown_schedule_is_a_usage_error():
 # ---------------------------------------------------------------------------------------- respacing
 def reference_space_timesteps(num_steps, spacing):
     """improved-diffusion's space_timesteps, written from its documented algorithm
-    (API_CONVENTIONS.md), independently of gaussdiff's code."""
+    (docs/conventions.md), independently of gaussdiff's code."""
     if spacing.startswith("ddim"):
         n = int(spacing[4:])
         for stride in range(1, num_steps):
