@@ -11,9 +11,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 commit=${1:-HEAD}
-out=${2:-$here/results/mutation}
+out=$(realpath -m "${2:-$here/results/mutation}")
 names=()
-if [ -n "${3:-}" ]; then mapfile -t names < "$3"; fi
+if [ -n "${3:-}" ]; then mapfile -t names < "$(realpath "$3")"; fi
 sha=$(git -C "$here" rev-parse --short "$commit")
 work=$(mktemp -d /tmp/gaussdiff-mutation.XXXXXX)
 git -C "$here" worktree add -f --detach "$work/tree" "$commit" >/dev/null
