@@ -196,9 +196,8 @@ def add_sample_parser(sub):
     a("--num", "--num-samples", dest="num", type=int, default=64,
       help="number of images (64); under torchrun write --num-samples (torchrun itself takes "
            "--num as an abbreviation of its --numa-binding)")
-    a("--sampler", default="ddim",
-      help="ddpm (ancestral) or ddim: the discrete engine; or a σ-space sampler (EDM): euler, "
-           "heun, heun_vp, euler_ancestral, ddim_sigma, dpmpp_2m, adaptive (default ddim)")
+    from .samplers import sampler_help
+    a("--sampler", default="ddim", help=f"{sampler_help()} (default ddim)")
     a("--steps", default="50", help="ddpm, ddim: respacing: 250, ddim50, or per-section counts like "
                                     "10,15,20; σ-space samplers: the number of steps N (50)")
     a("--eta", type=float, help="η of ddim and ddim_sigma (default 0: deterministic) and of "
@@ -255,11 +254,10 @@ def _batch_size(text: str):
 
 def cmd_sample(args):
     from .distributed import cleanup, setup
-    from .modeldir import SAMPLER_NAMES
+    from .samplers import get_spec
     if args.num < 1 or (args.batch_size != "auto" and args.batch_size < 1) or args.shard_size < 1:
         raise UsageError("--num, --batch-size and --shard-size must be positive")
-    if args.sampler not in SAMPLER_NAMES:
-        raise UsageError(f"--sampler {args.sampler}: unknown sampler, choose one of {', '.join(SAMPLER_NAMES)}")
+    get_spec(args.sampler)
     if not args.out and not args.grid:
         raise UsageError("give --out SAMPLES.npz and/or --grid GRID.png")
     if [args.model, args.cascade, args.ensemble].count(None) != 2:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
+from .samplers import get_spec
 from .validate import check_sampling_numbers
 
 TEMPERATURE_MODES = ("noise", "eps")
@@ -263,7 +264,7 @@ class Guidance:
                 model = EpsTemperature(model, self.temperature,
                                        eps_offset(alphas, pipe.diffusion.mean_type))
             return model
-        loop = self._noise_scale(sampler, sampler == "ddpm" or bool(options.get("eta")))
+        loop = self._noise_scale(sampler, get_spec(sampler).stochastic(options))
         if self.classifier is not None:
             loop["cond_fn"] = ClassifierCondFn(self.classifier.discrete_log_prob(alphas),
                                                self.classifier_scale)
@@ -276,9 +277,7 @@ class Guidance:
     def for_sigma_space(self, pipe, denoiser, sampler: str, options: dict, clip_denoised: bool):
         """(guided denoiser, sampler options) for a σ-space sampler. Order as in the discrete
         engine: CFG and ε/τ on the raw estimate, then clipping, then the classifier's shift."""
-        import inspect
         from .denoisers import ClipDenoised
-        from .samplers import SAMPLERS
         self._check(pipe, sampler)
         if pipe.num_classes is None:
             denoiser = WithoutLabels(denoiser)
@@ -293,10 +292,7 @@ class Guidance:
                                                 self.classifier_scale)
             if clip_denoised and self.clip_guided:
                 denoiser = ClipDenoised(denoiser)
-        takes_noise = "noise_scale" in inspect.signature(SAMPLERS[sampler]).parameters
-        stochastic = takes_noise and (options.get("churn", 0) > 0 or options.get("eta", 0) > 0 or
-                                      (sampler == "euler_ancestral" and options.get("eta", 1) > 0))
-        extra = self._noise_scale(sampler, stochastic)
+        extra = self._noise_scale(sampler, get_spec(sampler).stochastic(options))
         if extra and "noise_scale" in options:
             raise UsageError("--snoise and --temperature-mode noise both set the noise scale: give one")
         return denoiser, {**options, **extra}

@@ -19,7 +19,7 @@ from . import __version__
 from .diffusion import GaussianDiffusion, make_diffusion
 from .errors import UsageError
 from .nn.unet import UNetConfig, UNetModel
-from .samplers import SAMPLERS, NFECounter
+from .samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
 from .validate import check_sampling_numbers
 
 FORMAT_VERSION = 1
@@ -30,7 +30,6 @@ DIFFUSION_KEYS = ("schedule", "steps", "mean_type", "var_type", "loss_type", "hy
 # keys added after format 1 was fixed: configs without them mean these values
 DIFFUSION_OPTIONAL = dict(p2_gamma=0.0, p2_k=1.0, min_snr_gamma=0.0)
 # what Pipeline.sample accepts: the discrete engine's two samplers, then the σ-space ones
-SAMPLER_NAMES = ("ddpm", "ddim") + tuple(SAMPLERS)
 
 
 def ema_name(rate: float) -> str:
@@ -282,7 +281,7 @@ class Pipeline:
         options = dict(eta=eta, churn=churn, tmin=tmin, tmax=tmax, snoise=snoise, rtol=rtol, atol=atol)
         check_sampling_numbers(rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, **options)
         options = {k: v for k, v in options.items() if v is not None}
-        if sampler in ("ddpm", "ddim"):
+        if get_spec(sampler, None).discrete:
             if self.config.get("precond"):
                 raise UsageError(f"{self.path or 'this model'} was trained in σ-space (objective "
                                  f"{self.config['precond']['type']}): the discrete {sampler} sampler does "

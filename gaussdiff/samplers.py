@@ -22,8 +22,9 @@ The probability-flow ODE with σ(t) = t, s(t) = 1 is dx/dσ = (x - D(x; σ))/σ 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -32,7 +33,8 @@ from .rng import Generator, randn_like
 from .schedules import VPODE
 
 __all__ = ["NFECounter", "to_d", "ancestral_step", "euler", "heun", "heun_general",
-           "euler_ancestral", "ddim", "dpmpp_2m", "adaptive", "SAMPLERS"]
+           "euler_ancestral", "ddim", "dpmpp_2m", "adaptive", "SamplerSpec", "REGISTRY", "SAMPLERS",
+           "SAMPLER_NAMES", "get_spec", "sampler_help"]
 
 
 class NFECounter:
@@ -264,13 +266,70 @@ def adaptive(denoiser, x, sigmas, *, generator: Generator = None, callback=None,
     return x
 
 
-# The σ-space samplers by name (what Pipeline.sample and `gaussdiff sample --sampler` accept).
-SAMPLERS = {
-    "euler": euler,
-    "heun": heun,
-    "heun_vp": partial(heun_general, ode=VPODE()),
-    "euler_ancestral": euler_ancestral,
-    "ddim_sigma": ddim,
-    "dpmpp_2m": dpmpp_2m,
-    "adaptive": adaptive,
-}
+# ----------------------------------------------------------------------------- the registry
+def _churned(options: dict) -> bool:
+    return options.get("churn", 0) > 0
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """All the library knows about one sampler, in one place: what `gaussdiff sample --sampler`,
+    `Pipeline.sample`, `gaussdiff sweep`, guidance and the CLI help read.
+
+    fn: the σ-space function (the contract of this module's docstring); None for the discrete
+        engine's ddpm and ddim (GaussianDiffusion.p_sample_loop / ddim_sample_loop).
+    nfe: (a, b) with NFE = a·N + b network evaluations for N steps; None when the sampler
+        chooses its own steps (adaptive), which sweeps at fixed NFE then leave out.
+    stochastic(options): whether the sampler adds fresh noise with these options (what
+        `--temperature-mode noise` scales).
+    summary: one line for `--help`.
+    Adding a sampler: write its function (module docstring's signature), add a SamplerSpec to
+    REGISTRY; tests/test_samplers.py checks every entry's NFE formula by counting calls.
+    """
+    name: str
+    summary: str
+    fn: Optional[Callable] = None
+    nfe: Optional[Tuple[int, int]] = (1, 0)
+    stochastic: Callable[[dict], bool] = field(default=lambda options: False)
+
+    @property
+    def discrete(self) -> bool:
+        return self.fn is None
+
+
+REGISTRY = {spec.name: spec for spec in (
+    SamplerSpec("ddpm", "ancestral sampling, the discrete engine (DDPM; learned variances)",
+                stochastic=lambda options: True),
+    SamplerSpec("ddim", "DDIM, the discrete engine (--eta; 0, the default, is deterministic)",
+                stochastic=lambda options: bool(options.get("eta"))),
+    SamplerSpec("euler", "Euler on the probability-flow ODE (--churn: EDM Algorithm 2)", euler,
+                stochastic=_churned),
+    SamplerSpec("heun", "EDM's Heun sampler, 2N - 1 NFE (--churn: EDM Algorithm 2)", heun, (2, -1),
+                stochastic=_churned),
+    SamplerSpec("heun_vp", "Heun in VP time t, EDM Algorithm 1 with the VP ODE", partial(heun_general, ode=VPODE()),
+                (2, -1)),
+    SamplerSpec("euler_ancestral", "Euler steps plus ancestral noise (--eta, default 1)", euler_ancestral,
+                stochastic=lambda options: options.get("eta", 1) > 0),
+    SamplerSpec("ddim_sigma", "DDIM in σ-space (--eta, default 0)", ddim,
+                stochastic=lambda options: options.get("eta", 0) > 0),
+    SamplerSpec("dpmpp_2m", "DPM-Solver++(2M), multistep 2nd order", dpmpp_2m),
+    SamplerSpec("adaptive", "adaptive-step Heun with error control (--rtol, --atol)", adaptive, None),
+)}
+
+# What Pipeline.sample and `gaussdiff sample --sampler` accept, and the σ-space functions by name.
+SAMPLER_NAMES = tuple(REGISTRY)
+SAMPLERS = {name: spec.fn for name, spec in REGISTRY.items() if not spec.discrete}
+
+
+def get_spec(name: str, flag: Optional[str] = "--sampler") -> SamplerSpec:
+    """The registry entry of `name`; otherwise a UsageError naming `flag` (or, with flag None,
+    the name alone) and the choices."""
+    if name not in REGISTRY:
+        what = f"{flag} {name}: unknown sampler" if flag else f"unknown sampler {name!r}"
+        raise UsageError(f"{what}, choose one of {', '.join(SAMPLER_NAMES)}")
+    return REGISTRY[name]
+
+
+def sampler_help() -> str:
+    """The --sampler help text, from the registry."""
+    return "; ".join(f"{name}: {spec.summary}" for name, spec in REGISTRY.items())

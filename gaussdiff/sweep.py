@@ -27,10 +27,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import UsageError
+from .samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
 
-# NFE = a·N + b for N steps, from the samplers' definitions (samplers.py docstrings)
-NFE_FORMULA = {"ddpm": (1, 0), "ddim": (1, 0), "euler": (1, 0), "euler_ancestral": (1, 0),
-               "ddim_sigma": (1, 0), "dpmpp_2m": (1, 0), "heun": (2, -1), "heun_vp": (2, -1)}
 META_KEY = "gaussdiff_sweep"
 STATE_NAME, CSV_NAME, PLOT_NAME = "sweep.json", "sweep.csv", "sweep.png"
 CSV_COLUMNS = ("sampler", "steps", "nfe", "metric", "value", "num", "seconds")
@@ -41,12 +39,11 @@ def check_sampler_steps(sampler: str, steps: int, T: int, sigma_space: bool, fla
     """A UsageError naming `flag` if `sampler` with `steps` steps cannot run on a model with T
     diffusion steps, trained in σ-space or not (an unknown sampler, ddpm/ddim on a σ-space
     model, more ddpm/ddim steps than T)."""
-    from .modeldir import SAMPLER_NAMES
     if sampler not in SAMPLER_NAMES:
         raise UsageError(f"{flag}: unknown sampler {sampler!r}: choose from {', '.join(SAMPLER_NAMES)}")
     if steps < 1:
         raise UsageError(f"{flag}: {sampler} needs at least one step, got {steps}")
-    if sampler in ("ddpm", "ddim"):
+    if REGISTRY[sampler].discrete:
         if sigma_space:
             raise UsageError(f"{flag}: the model was trained in σ-space: {sampler} does not apply; "
                              f"use a σ-space sampler such as heun")
@@ -59,7 +56,6 @@ def measure_nfe_formula(sampler: str) -> Tuple[int, int]:
     """(a, b) with NFE = a·N + b of a σ-space sampler, counted with a stub denoiser at N = 1, 2,
     3 (karras levels); a UsageError if the count does not grow linearly with N."""
     import torch
-    from .samplers import SAMPLERS
     from .schedules import karras_sigmas
     counts = []
     for n in (1, 2, 3):
@@ -75,14 +71,13 @@ def measure_nfe_formula(sampler: str) -> Tuple[int, int]:
 
 
 def nfe_formula(sampler: str) -> Tuple[int, int]:
-    """(a, b) with NFE = a·N + b for N steps of `sampler`."""
-    from .modeldir import SAMPLER_NAMES
+    """(a, b) with NFE = a·N + b for N steps of `sampler` (its registry entry)."""
     if sampler not in SAMPLER_NAMES:
         raise UsageError(f"--samplers: unknown sampler {sampler!r}: choose from {', '.join(SAMPLER_NAMES)}")
-    if sampler == "adaptive":
-        raise UsageError("--samplers: adaptive chooses its own steps (--rtol, --atol): its NFE "
-                         "cannot be set; leave it out of the sweep")
-    return NFE_FORMULA.get(sampler) or measure_nfe_formula(sampler)
+    if REGISTRY[sampler].nfe is None:
+        raise UsageError(f"--samplers: {sampler} chooses its own steps (--rtol, --atol): its NFE "
+                         f"cannot be set; leave it out of the sweep")
+    return REGISTRY[sampler].nfe
 
 
 def steps_for_nfe(config: dict, sampler: str, nfe: int) -> Tuple[int, int]:
@@ -187,7 +182,7 @@ def thin_ticks(values, min_ratio: float = 1.15) -> list:
 
 
 def _legend_label(sampler: str) -> str:
-    a, b = NFE_FORMULA.get(sampler, (1, 0))
+    a, b = REGISTRY[sampler].nfe if sampler in REGISTRY and REGISTRY[sampler].nfe else (1, 0)
     return f"{sampler} (NFE = 2N−1: odd only)" if (a, b) == (2, -1) else sampler
 
 
@@ -277,7 +272,6 @@ def run_sweep(pipe, grid, reference, reference_name: str, metrics, out_dir: str,
 # ------------------------------------------------------------------------------ CLI
 def add_sweep_parser(sub):
     from .metrics.evaluate import CACHE_ENV, METRICS
-    from .modeldir import SAMPLER_NAMES
     p = sub.add_parser(
         "sweep", help="a sample-quality metric against the number of network evaluations",
         description="For each sampler and NFE target: sample --num images with the step count "
@@ -288,7 +282,8 @@ def add_sweep_parser(sub):
                     "Every point uses the same seeds. Rerunning skips the points already done.")
     a = p.add_argument
     a("model", help="model or run directory (config.json + *.safetensors)")
-    a("--samplers", required=True, help=f"comma-separated, from {','.join(s for s in SAMPLER_NAMES if s != 'adaptive')}")
+    a("--samplers", required=True,
+      help=f"comma-separated, from {','.join(s for s in SAMPLER_NAMES if REGISTRY[s].nfe is not None)}")
     a("--nfe", required=True, help="comma-separated NFE targets, e.g. 10,20,35,50,100,250,1000")
     a("--metric", default="fid", help=f"comma-separated, from {','.join(METRICS)} (default fid; "
                                       f"fd and is need --feature-net)")

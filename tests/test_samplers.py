@@ -5,6 +5,7 @@ probability-flow ODE dx/dσ = (x − D)/σ the closed-form solution
 x(σ) = μ + V diag(sqrt((λ + σ²)/(λ + σ0²))) Vᵀ (x(σ0) − μ), with C = V diag(λ) Vᵀ.
 A finite dataset {p_k} has the ideal denoiser D(x; σ) = Σ_k softmax_k(−|x − p_k|²/2σ²) p_k.
 """
+import inspect
 import math
 import re
 
@@ -507,3 +508,43 @@ def test_cli_sample_prints_nfe_and_rejects_unknown_sampler(model_dir, tmp_path, 
     assert "--sampler bogus" in err and "heun" in err and len(err.strip().splitlines()) == 1
     assert cli_main(base + ["--sampler", "dpmpp_2m", "--steps", "3", "--churn", "1"]) == 2
     assert "churn" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the registry
+def test_registry_entries_agree_with_the_samplers():
+    """Every SamplerSpec is what its sampler does: the NFE formula a·N + b equals the denoiser
+    calls counted at N = 1, 2, 3 (sweep.measure_nfe_formula), and nfe None (adaptive) is refused
+    by the sweep; `stochastic(options)` is true exactly when two generators give two results
+    (checked with the option values that switch the noise on and off); the CLI's --sampler help
+    and the sweep's --samplers help list the registry, and unknown names are one-line errors."""
+    from gaussdiff.errors import UsageError
+    from gaussdiff.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, get_spec
+    from gaussdiff.sweep import measure_nfe_formula, nfe_formula
+    assert SAMPLER_NAMES == tuple(REGISTRY) and set(SAMPLERS) == {n for n, s in REGISTRY.items() if s.fn}
+    for name, spec in REGISTRY.items():
+        if spec.discrete:
+            continue
+        if spec.nfe is None:
+            with pytest.raises(UsageError, match="chooses its own steps"):
+                nfe_formula(name)
+        else:
+            assert measure_nfe_formula(name) == spec.nfe == nfe_formula(name), name
+    D = lambda x, sigma, **_: 0.5 * x / (1 + sigma.reshape(-1, 1) ** 2)   # noqa: E731
+    switches = [{}, {"eta": 0.0}, {"eta": 0.7}, {"churn": 5.0}]
+    for name, spec in REGISTRY.items():
+        if spec.discrete or spec.nfe is None:
+            continue
+        accepted = set(inspect.signature(spec.fn).parameters)
+        for opts in switches:
+            if not set(opts) <= accepted:
+                continue
+            x = torch.ones(2, 3, dtype=torch.float64) * 10
+            runs = [spec.fn(D, x.clone(), [10.0, 2.0, 0.5, 0.0], generator=torch.Generator().manual_seed(s),
+                            **opts) for s in (0, 1)]
+            assert (not torch.equal(*runs)) == spec.stochastic(opts), (name, opts)
+    from gaussdiff.cli import build_parser
+    sample_help = build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
+    for name in REGISTRY:
+        assert name in sample_help
+    with pytest.raises(UsageError, match=r"^--sampler nope: unknown sampler, choose one of ddpm, ddim, "):
+        get_spec("nope")

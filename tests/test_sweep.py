@@ -120,19 +120,6 @@ def test_sweep_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys,
     assert not out.exists()
 
 
-def test_nfe_table_matches_counted_sampler_calls():
-    """The NFE formulas of the table equal the calls the σ-space samplers make (counted with a
-    stub denoiser); adaptive has no NFE per step count."""
-    from gaussdiff.errors import UsageError
-    from gaussdiff.samplers import SAMPLERS
-    from gaussdiff.sweep import NFE_FORMULA, measure_nfe_formula, nfe_formula
-    for name in SAMPLERS:
-        if name != "adaptive":
-            assert measure_nfe_formula(name) == NFE_FORMULA[name], name
-    with pytest.raises(UsageError):
-        nfe_formula("adaptive")
-
-
 def _log(run):
     return [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
 
