@@ -1,5 +1,5 @@
 """gaussdiff: Gaussian diffusion image models (DDPM, Improved DDPM, ADM, EDM) in one design space."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from . import schedules  # noqa: F401
 from .diffusion import GaussianDiffusion, make_diffusion  # noqa: F401

@@ -6,16 +6,8 @@ import argparse
 import os
 import sys
 
+from .cli_common import _bool
 from .errors import UsageError
-
-
-def _bool(text: str) -> bool:
-    t = str(text).lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 # ------------------------------------------------------------------------------------- train
@@ -420,7 +412,7 @@ def cmd_plot(args):
 
 # ------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
     parser = argparse.ArgumentParser(prog="gaussdiff", description="Gaussian diffusion image models")
     parser.add_argument("--version", action="version", version=f"gaussdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

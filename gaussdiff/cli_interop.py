@@ -113,7 +113,7 @@ def load_for_conversion(args):
 
 
 def cmd_dataset(args):
-    from .edmdata import write_edm
+    from .data.edm import write_edm
     if os.path.exists(args.out):
         raise UsageError(f"--out {args.out} already exists: choose a new path")
     ds = load_for_conversion(args)

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from .cli_common import _first, _load_images  # noqa: F401 (used by the commands below)
 from .errors import UsageError
 
 
@@ -20,22 +21,6 @@ def _write_json(obj, out):
         from .modeldir import atomic_write_bytes
         atomic_write_bytes(out, text.encode())
         print(f"wrote {out}", file=sys.stderr)
-
-
-def _load_images(spec: str, split: str):
-    """uint8 NHWC images of an .npz, an image folder or a named dataset."""
-    from .data import load_dataset
-    return load_dataset(spec, split).images
-
-
-def _first(images, num, what, flag):
-    if num is None:
-        return images
-    if num < 1:
-        raise UsageError(f"{flag} must be positive")
-    if num > len(images):
-        raise UsageError(f"{flag} {num}: {what} has only {len(images)} images")
-    return images[:num]
 
 
 # ------------------------------------------------------------------------------------- eval

@@ -7,12 +7,8 @@ import os
 
 import numpy as np
 
+from .cli_common import _bool
 from .errors import UsageError
-
-
-def _bool(text):
-    from .cli import _bool as parse
-    return parse(text)
 
 
 def _check_out_dir(*paths):

@@ -19,7 +19,7 @@ import torch
 from .data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range
 from .diffusion import make_diffusion
 from .errors import UsageError
-from .augment import AUGMENT_DIM, AugmentPipe
+from .data.augment import AUGMENT_DIM, AugmentPipe
 from .amp import Autocast, make_scaler, resolve_precision
 from .checkpoint import (check_finite, holds_run, refresh_top_level, select_checkpoint, trim_log,
                          write_checkpoint)

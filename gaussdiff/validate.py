@@ -10,6 +10,13 @@ import math
 
 from .errors import UsageError
 
+# The keys of a config.json "diffusion" section, and the defaults of the optional ones.
+DIFFUSION_KEYS = ("schedule", "steps", "mean_type", "var_type", "loss_type", "hybrid_lambda",
+                  "vb_stop_grad", "p2_gamma", "p2_k", "min_snr_gamma")
+# keys added after format 1 was fixed: configs without them mean these values
+DIFFUSION_OPTIONAL = dict(p2_gamma=0.0, p2_k=1.0, min_snr_gamma=0.0)
+# what Pipeline.sample accepts: the discrete engine's two samplers, then the σ-space ones
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -40,7 +47,6 @@ def check_model_section(section, where: str, classifier: bool = False):
 def check_diffusion_section(section, where: str):
     """Types and choices of the "diffusion" section, then a trial make_diffusion."""
     from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, make_diffusion
-    from .modeldir import DIFFUSION_KEYS, DIFFUSION_OPTIONAL
     from .schedules import SCHEDULES
     unknown = sorted(set(section) - set(DIFFUSION_KEYS))
     if unknown:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import gaussdiff
-from gaussdiff.augment import AUGMENT_DIM, AugmentPipe, _transform, rotate2d
+from gaussdiff.data.augment import AUGMENT_DIM, AugmentPipe, _transform, rotate2d
 from gaussdiff.cli import main
 from gaussdiff.diffusion import GaussianDiffusion, make_diffusion
 from gaussdiff.errors import UsageError
@@ -432,7 +432,7 @@ def test_augment_fractional_translation_by_whole_pixels_is_a_shift():
     """The resampling (reflect pad, sym6 2x up, grid_sample, sym6 down) is exact for an
     identity transform and moves the image by whole pixels for a translation of whole pixels:
     Translate2D(1, 0) gives out[..., x] = in[..., x − 1] away from the edge."""
-    from gaussdiff.augment import translate2d
+    from gaussdiff.data.augment import translate2d
     x = _smooth_images(2)
     like = torch.empty((), dtype=torch.float64)
     eye = torch.eye(3, dtype=torch.float64).expand(2, 3, 3)

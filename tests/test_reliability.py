@@ -727,6 +727,6 @@ def test_dataset_file_names_never_reach_a_shell(tmp_path, monkeypatch):
         (folder / name).write_bytes(_png(np.full((8, 8, 3), i, np.uint8)))
     ds = load_dataset(str(folder))
     assert len(ds) == 4
-    from gaussdiff.edmdata import write_edm
+    from gaussdiff.data.edm import write_edm
     write_edm(ds, str(tmp_path / "out.zip"))
     assert not (tmp_path / "pwned").exists() and len(load_dataset(str(tmp_path / "out.zip"))) == 4

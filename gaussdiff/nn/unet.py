@@ -341,7 +341,7 @@ class UNetModel(nn.Module):
                                  zero_module(nn.Conv2d(input_ch, c.out_channels, 3, padding=1)))
 
     def forward(self, x, timesteps, y=None, augment_labels=None, **extra):
-        """augment_labels: [B, augment_dim] from `gaussdiff.augment.AugmentPipe` while training;
+        """augment_labels: [B, augment_dim] from `gaussdiff.data.augment.AugmentPipe` while training;
         None (the same as zeros: no augmentation) when sampling."""
         c = self.config
         if (y is None) != (c.num_classes is None):

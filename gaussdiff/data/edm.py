@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, MAX_CLASSES, ImageDataset, read_image
-from .errors import UsageError
-from .modeldir import atomic_write_bytes
+from .readers import IMAGE_EXTENSIONS, MAX_CLASSES, ImageDataset, read_image
+from ..errors import UsageError
+from ..fileio import atomic_write_bytes
 
 LABELS_NAME = "dataset.json"
 MAX_ENTRY_BYTES = 256 << 20   # one image file; larger zip entries are refused unread
