@@ -6,6 +6,7 @@ Inception-V3 costs ~0.4 s per image on a CPU: only 5 images in all go through it
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -569,3 +570,26 @@ def test_trainer_with_loss_second_moment_resumes_bit_exactly(tmp_path):
     np.testing.assert_array_equal(whole.schedule_sampler.loss_history, resumed.schedule_sampler.loss_history)
     wa, wb = load_tensors(str(tmp_path / "a" / "model.safetensors")), load_tensors(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_frechet_input_checks_and_round_off_threshold():
+    """Shapes are checked with exact messages: a 1-D feature array or a single sample has no
+    covariance; means of different lengths, or a covariance of the wrong size, are refused
+    before any arithmetic. Eigenvalues at or below D·ε·λ_max are round-off and become 0
+    (numpy's matrix_rank rule), those above it stay; zero dimensions give distance 0."""
+    from gaussdiff.metrics.frechet import _clip_round_off
+    msg = "feature statistics need an [N, D] array with N >= 2, got shape {}"
+    for bad in (np.zeros(5), np.zeros((1, 5))):
+        with pytest.raises(ValueError, match=f"^{re.escape(msg.format(bad.shape))}$"):
+            feature_statistics(bad)
+    with pytest.raises(ValueError, match=r"^means must be vectors of one length, got \(3,\) and \(4,\)$"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match=r"^covariances must be \[3, 3\], got \(3, 3\) and \(4, 4\)$"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+    eps = np.finfo(np.float64).eps
+    at = np.array([1.0, 2 * eps, 2.0001 * eps])   # threshold: λ_max·D·ε = 3ε
+    np.testing.assert_array_equal(_clip_round_off(np.array([1.0, 3 * eps, 3.01 * eps])),
+                                  [1.0, 0.0, 3.01 * eps])
+    np.testing.assert_array_equal(_clip_round_off(at), [1.0, 0.0, 0.0])
+    assert _clip_round_off(np.zeros(0)).shape == (0,)
+    assert frechet_distance(np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0))) == 0.0

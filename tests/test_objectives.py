@@ -608,3 +608,14 @@ def test_config_errors_are_one_line_messages():
         objective_sections("edm", P_std=0.0)
     with pytest.raises(UsageError, match=r"^--sigma-data and --p-std must be positive, got -1\.0, 1\.2$"):
         objective_sections("edm", sigma_data=-1.0)
+
+
+def test_continuous_preconditioners_keep_sigma_as_given():
+    """Only iDDPM rounds σ to its discrete levels u_j; the continuous preconditioners (EDM, VP,
+    VE) return σ itself, as a tensor, for numbers and tensors alike."""
+    from gaussdiff.precond import make_precond
+    for kind in ("edm", "vp", "ve"):
+        p = make_precond({"type": kind}, torch.nn.Identity())
+        assert torch.equal(p.round_sigma(0.37), torch.tensor(0.37))
+        s = torch.tensor([0.1, 2.5], dtype=torch.float64)
+        assert torch.equal(p.round_sigma(s), s)
