@@ -42,6 +42,13 @@ def _write_numbers(stem: str, result: dict, command: str):
         atomic_write_bytes(stem + ".csv", buf.getvalue().encode())
 
 
+def _finish(args, stem: str, result: dict, what: str):
+    """Write the grid figure and the numbers of `result`; say what was written."""
+    save_png(args.out, result["grid"])
+    _write_numbers(stem, result, _command(args))
+    print(f"{what}: wrote {args.out}, {stem}.json, {stem}.csv")
+
+
 def _data(pipe, args):
     C, H, _ = pipe.image_shape
     data = load_dataset(args.data, args.split, channels=C, image_size=H,
@@ -174,9 +181,7 @@ def cmd_noise_levels(args):
     data, labels = _data(pipe, args)
     sigmas = analyze.DEFAULT_SIGMAS if args.sigmas is None else parse_floats(args.sigmas, "sigmas")
     result = analyze.noise_levels(pipe, data.images[:args.num], sigmas, labels, args.seed)
-    save_png(args.out, result["grid"])
-    _write_numbers(stem, result, _command(args))
-    print(f"noise-levels ({result['num']} images, {len(sigmas)} σ): wrote {args.out}, {stem}.json, {stem}.csv")
+    _finish(args, stem, result, f"noise-levels ({result['num']} images, {len(sigmas)} σ)")
 
 
 def cmd_progressive(args):
@@ -206,9 +211,7 @@ def cmd_progressive(args):
                          feature_net=net, progress=False)["metrics"]
             row[metric] = next(v for k, v in m.items() if k.startswith(metric))
         result["metric"] = dict(name=metric, ref=args.ref, ref_split=args.ref_split, num=args.num)
-    save_png(args.out, result["grid"])
-    _write_numbers(stem, result, _command(args))
-    print(f"progressive ({args.num} chains, {result['steps']} steps): wrote {args.out}, {stem}.json, {stem}.csv")
+    _finish(args, stem, result, f"progressive ({args.num} chains, {result['steps']} steps)")
 
 
 def cmd_shared_latents(args):
@@ -217,10 +220,7 @@ def cmd_shared_latents(args):
     split = None if args.split_at is None else parse_ints(args.split_at, "split-at")
     result = analyze.shared_latents(pipe, split, args.continuations, _steps_or_none(args.steps),
                                     args.seed, args.label, progress=not args.no_progress)
-    save_png(args.out, result["grid"])
-    _write_numbers(stem, result, _command(args))
-    print(f"shared-latents ({len(result['rows'])} splits x {args.continuations}): wrote {args.out}, "
-          f"{stem}.json, {stem}.csv")
+    _finish(args, stem, result, f"shared-latents ({len(result['rows'])} splits x {args.continuations})")
 
 
 def cmd_coarse_to_fine(args):
@@ -236,10 +236,7 @@ def cmd_coarse_to_fine(args):
                                     _steps_or_none(args.steps),
                                     None if labels is None else [int(labels[pair[0]])], args.seed,
                                     progress=not args.no_progress)
-    save_png(args.out, result["grid"])
-    _write_numbers(stem, result, _command(args))
-    print(f"coarse-to-fine ({len(result['rows'])} rows x {args.frames} frames): wrote {args.out}, "
-          f"{stem}.json, {stem}.csv")
+    _finish(args, stem, result, f"coarse-to-fine ({len(result['rows'])} rows x {args.frames} frames)")
 
 
 
@@ -285,7 +282,4 @@ def cmd_guidance_sweep(args):
     result = analyze.guidance_sweep(pipe, parse_floats(args.scales, "scales"), args.guide, classifier,
                                     args.num, labels, args.sampler, _steps(args.steps), args.seed,
                                     progress=not args.no_progress)
-    save_png(args.out, result["grid"])
-    _write_numbers(stem, result, _command(args))
-    print(f"guidance-sweep ({args.guide}, {len(result['rows'])} scales x {args.num} rows): wrote "
-          f"{args.out}, {stem}.json, {stem}.csv")
+    _finish(args, stem, result, f"guidance-sweep ({args.guide}, {len(result['rows'])} scales x {args.num} rows)")
