@@ -255,6 +255,22 @@ def progressive(pipe: Pipeline, num: int = 8, steps=None, columns: int = 10, see
     return dict(num=num, seed=seed, steps=K, rows=rows, frames=u8, grid=grid)
 
 
+def plot_progressive_quality(result: dict, out: str):
+    """The sample-quality metric of x̂_0 (result["metric"], added by `analyze progressive
+    --ref`) and the RMSE to the final sample against the reverse step (DDPM Fig. 6's curves)."""
+    from .plot import new_figure, save_figure
+    name = result["metric"]["name"]
+    rows = [r for r in result["rows"] if r.get(name) is not None]
+    T = result["rows"][0]["t"]
+    fig, axes = new_figure(2)
+    axes[0].plot([T - r["t"] for r in rows], [r[name] for r in rows], marker="o")
+    axes[0].set(xlabel="reverse process steps (T − t)", ylabel=f"{name.upper()} of x̂0",
+                title=f"x̂0 along {result['num']} reverse chains against {result['metric']['ref']}")
+    axes[1].plot([T - r["t"] for r in result["rows"]], [r["rmse_to_final"] for r in result["rows"]], marker="o")
+    axes[1].set(xlabel="reverse process steps (T − t)", ylabel="RMSE to the final sample, [0, 255]")
+    save_figure(fig, out)
+
+
 @torch.no_grad()
 def shared_latents(pipe: Pipeline, split_at: Optional[Sequence[int]] = None, continuations: int = 6,
                    steps=None, seed: int = 0, label=None, clip_denoised: bool = True,

@@ -94,7 +94,8 @@ def add_analyze_parser(sub):
     q.add_argument("--columns", type=int, default=10, help="recorded steps, the last is the sample (10)")
     q.add_argument("--show", type=int, default=8, help="chains shown in the grid (8)")
     q.add_argument("--ref", help="also the Fréchet distance of x̂0 at each recorded step against "
-                                 "these images (fashion-mnist, an .npz, ...; its --ref-split)")
+                                 "these images (fashion-mnist, an .npz, ...; its --ref-split), "
+                                 "plotted against the step in FIG.quality.png")
     q.add_argument("--ref-split", default="test")
     q.add_argument("--feature-net", metavar="DIR",
                    help="with --ref: use this feature network (fd) instead of Inception (fid)")
@@ -187,6 +188,8 @@ def cmd_noise_levels(args):
 def cmd_progressive(args):
     from .metrics.evaluate import evaluate
     stem = _outputs(args.out)
+    if args.ref is not None:
+        check_output_file(stem + ".quality.png", "--out")
     if args.num < 2:
         raise UsageError("--num must be at least 2")
     pipe = _load(args)
@@ -211,6 +214,7 @@ def cmd_progressive(args):
                          feature_net=net, progress=False)["metrics"]
             row[metric] = next(v for k, v in m.items() if k.startswith(metric))
         result["metric"] = dict(name=metric, ref=args.ref, ref_split=args.ref_split, num=args.num)
+        analyze.plot_progressive_quality(result, stem + ".quality.png")
     _finish(args, stem, result, f"progressive ({args.num} chains, {result['steps']} steps)")
 
 

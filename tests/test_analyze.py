@@ -299,3 +299,13 @@ def test_cli_bad_out_is_one_line_and_writes_nothing(model_and_data, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out" in err[0] and ".png" in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_progressive_quality_plot(tmp_path):
+    """The --ref figure: a metric value per recorded step (None where x̂0 was constant) and the
+    RMSE curve, written as a PNG."""
+    result = dict(num=3, rows=[dict(t=10, rmse_to_final=5.0, fd=None), dict(t=5, rmse_to_final=2.0, fd=9.0),
+                               dict(t=1, rmse_to_final=0.0, fd=4.0)],
+                  metric=dict(name="fd", ref="x.npz", ref_split="test", num=3))
+    analyze.plot_progressive_quality(result, str(tmp_path / "q.png"))
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
