@@ -66,6 +66,8 @@ def read_idx(path: str) -> np.ndarray:
     count = math.prod(shape)   # exact: a hostile header must not overflow into a match
     if len(data) - header != count:
         raise UsageError(f"{path}: IDX header promises {count} bytes of data, file has {len(data) - header}")
+    if count == 0:   # numpy cannot even shape an empty array whose other sides overflow
+        raise UsageError(f"{path}: the IDX file holds no data (shape {'x'.join(map(str, shape))})")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
