@@ -101,7 +101,11 @@ def test_interpolation_endpoints_and_angles(dirs):
     for image, label, frame in ((a, 0, frames[0]), (b, 2, frames[-1])):
         z = tools.invert(pipe, image[None], 6, skip_last=True, labels=[label], progress=False)
         ref = tools.reconstruct(pipe, z, 6, labels=[label], progress=False, as_uint8=False)[0]
-        torch.testing.assert_close(frame, ref, rtol=1e-4, atol=1e-4)
+        # the frames run as a batch of 5 with label weights, the reference as a batch of 1 with
+        # an integer label: float32 rounding, amplified by 12 DDIM steps, differs by 3e-5 to
+        # 2.5e-4 from run to run (1e-4 made this test fail one run in four); any other frame
+        # is ~2 away, so 2e-3 still tells the right frame from a wrong one
+        torch.testing.assert_close(frame, ref, rtol=2e-3, atol=2e-3)
     assert (frames[2] - frames[0]).abs().max() > 1e-3 and (frames[2] - frames[-1]).abs().max() > 1e-3
 
 
