@@ -30,35 +30,23 @@ from .images import make_grid
 from .metrics.likelihood import evaluate_nll
 from .modeldir import Pipeline, seed_for
 from .rng import per_sample_generators, randn_like
+from .tools import _device, _discrete_only, _generator_only, label_kwargs
 
 PIXEL = 127.5   # [-1, 1] -> [0, 255] scale of the RMSE
 
 
-def _device(pipe: Pipeline) -> torch.device:
-    return next(pipe.model.parameters()).device
-
-
 def _discrete(pipe: Pipeline, what: str):
-    if pipe.config.get("precond"):
-        raise UsageError(f"{pipe.path or 'this model'} was trained in σ-space: {what} runs the "
-                         f"discrete reverse process and needs a discrete-time model")
-    if pipe.task != "generate":
-        raise UsageError(f"{pipe.path or 'this model'} is an upsampler: {what} needs a model that "
-                         f"generates images on its own")
+    _discrete_only(pipe, what, "the discrete reverse process")
 
 
 def _labels(pipe: Pipeline, labels, n: int, device) -> dict:
-    """model_kwargs with y for a class-conditional model (labels given, or class 0..K-1 cycled)."""
-    if pipe.num_classes is None:
-        if labels is not None:
-            raise UsageError(f"{pipe.path or 'this model'} is unconditional: it takes no labels")
-        return {}
-    if labels is None:
+    """model_kwargs with y for a class-conditional model: the labels given, or classes
+    0..K-1 cycled over the n images (tools.label_kwargs checks them)."""
+    if pipe.num_classes is not None and labels is None:
         labels = [i % pipe.num_classes for i in range(n)]
-    labels = np.broadcast_to(np.asarray(labels, dtype=np.int64), (n,))
-    if labels.min() < 0 or labels.max() >= pipe.num_classes:
-        raise UsageError(f"labels {labels.tolist()}: the model has classes 0..{pipe.num_classes - 1}")
-    return {"y": torch.from_numpy(labels.copy()).to(device)}
+    if labels is not None:
+        labels = np.broadcast_to(np.asarray(labels, dtype=np.int64), (n,)).copy()
+    return label_kwargs(pipe, labels, n, device)
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,9 +120,7 @@ def noise_levels(pipe: Pipeline, images: np.ndarray, sigmas: Sequence[float] = D
     more than OVERSHOOT (≈ 6 levels of 255) outside [-1, 1] (an overshooting denoiser, the
     cause of blown-out samples); "grid" shows, for the first `show` images, a row of noisy
     inputs above a row of denoised estimates."""
-    if pipe.task != "generate":
-        raise UsageError(f"{pipe.path or 'this model'} is an upsampler: noise-levels needs a model "
-                         f"that denoises on its own")
+    _generator_only(pipe, "noise-levels")
     D = pipeline_denoiser(pipe)
     lo, hi = float(getattr(D, "sigma_min", 0.0)), float(getattr(D, "sigma_max", float("inf")))
     bad = [s for s in sigmas if not (s > 0 and lo * (1 - 1e-6) <= s <= hi * (1 + 1e-6))]

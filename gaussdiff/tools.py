@@ -23,11 +23,11 @@ def _device(pipe: Pipeline) -> torch.device:
     return next(pipe.model.parameters()).device
 
 
-def _discrete_only(pipe: Pipeline, what: str):
+def _discrete_only(pipe: Pipeline, what: str, runs: str = "the discrete DDIM ODE"):
     _generator_only(pipe, what)
     if pipe.config.get("precond"):
-        raise UsageError(f"{pipe.path or 'this model'} was trained in σ-space: {what} runs the "
-                         f"discrete DDIM ODE and needs a discrete-time model")
+        raise UsageError(f"{pipe.path or 'this model'} was trained in σ-space: {what} runs "
+                         f"{runs} and needs a discrete-time model")
 
 
 def _generator_only(pipe: Pipeline, what: str):
