@@ -309,3 +309,22 @@ def test_progressive_quality_plot(tmp_path):
                   metric=dict(name="fd", ref="x.npz", ref_split="test", num=3))
     analyze.plot_progressive_quality(result, str(tmp_path / "q.png"))
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_classifier_accuracy_counts_the_requested_class():
+    """The sweep's accuracy: the share of images whose class under the classifier at t = 0 is
+    their label; here a classifier that reads the class off the mean brightness, so the answer
+    is known: images 0..3 at brightness classes 0, 1, 2, 1 against labels 0, 1, 1, 1 -> 3/4."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            assert torch.all(t == 0)
+            level = ((x.mean(dim=(1, 2, 3)) + 1) * 1.5).floor().clamp(0, 2).long()
+            return torch.nn.functional.one_hot(level, 3).float() + self.w
+    clf = type("C", (), {"model": Net()})()
+    images = np.stack([np.full((4, 4, 1), v, np.uint8) for v in (10, 128, 250, 120)])
+    assert analyze.classifier_accuracy(clf, images, np.array([0, 1, 1, 1])) == 0.75
+    assert analyze.classifier_accuracy(clf, images, np.array([0, 1, 2, 1]), batch_size=3) == 1.0
