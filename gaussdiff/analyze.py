@@ -281,16 +281,16 @@ def shared_latents(pipe: Pipeline, split_at: Optional[Sequence[int]] = None, con
     states = {}
     K = diffusion.num_timesteps
     if K - 1 in index:
-        states[K - 1] = (x.clone(), None)
+        states[K - 1] = x.clone()
 
     def keep(i, x, pred):   # x is now the state at step i - 1
         if i - 1 in index:
-            states[i - 1] = (x.clone(), None)
+            states[i - 1] = x.clone()
     _reverse(diffusion, pipe.model, x, K - 1, g0, kwargs, clip_denoised, keep)
     rows, tiles = [], []
     ckw = {k: v.expand(continuations) for k, v in kwargs.items()}
     for i in tqdm(sorted(index, reverse=True), desc="shared latents", disable=not progress):
-        xt = states[i][0]
+        xt = states[i]
         tt = torch.full((1,), i, device=device, dtype=torch.long)
         pred = diffusion.p_mean_variance(pipe.model, xt, tt, clip_denoised, kwargs)["pred_xstart"]
         gens = per_sample_generators([seed_for(seed, 1 + j) for j in range(continuations)])
