@@ -88,6 +88,9 @@ def add_train_parser(sub):
     g.add_argument("--lr", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
+    g.add_argument("--lr-anneal-steps", type=int, metavar="N",
+                   help="decay the learning rate linearly to 0 at step N (improved-diffusion's "
+                        "lr_anneal_steps; 0, the default: constant)")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm (0: off)")
     g.add_argument("--ema", help="EMA rates, comma-separated, e.g. 0.9999,0.999")
     g.add_argument("--ema-warmup", type=_bool, metavar="BOOL",

@@ -41,7 +41,8 @@ DEFAULTS = dict(
     num_head_channels=-1, num_heads_upsample=-1, dropout=0.0, use_scale_shift_norm=True,
     resblock_updown=False, norm_groups=32, schedule="linear", diffusion_steps=1000,
     mean_type="eps", var_type="fixed_small", loss="mse", hybrid_lambda=0.001,
-    vb_stop_grad=True, batch_size=64, lr=1e-4, weight_decay=0.0, warmup=0, grad_clip=0.0,
+    vb_stop_grad=True, batch_size=64, lr=1e-4, weight_decay=0.0, warmup=0, lr_anneal_steps=0,
+    grad_clip=0.0,
     ema="0.9999", ema_warmup=False, steps=1000, save_every=1000, sample_every=1000, log_every=50, seed=0,
     flip=False, sample_steps=50, sample_num=64, skip_bad_images=False,
     objective="ddpm", sigma_data=0.5, p_mean=-1.2, p_std=1.2, p2_gamma=0.0, p2_k=1.0,
@@ -185,6 +186,10 @@ class Trainer:
         self.guard = BadStepGuard(o.get("max_bad_steps", 20))   # skips non-finite steps
         if o["lr"] <= 0:
             raise UsageError(f"--lr must be positive, got {o['lr']}")
+        anneal = o.get("lr_anneal_steps", 0)
+        if anneal < 0 or 0 < anneal < o["steps"]:
+            raise UsageError(f"--lr-anneal-steps must be 0 (off) or at least --steps ({o['steps']}): "
+                             f"the learning rate is 0 from step {anneal} on, got {anneal}")
         self.ema_rates = parse_floats(o["ema"], "ema")
         if any(not 0 < r < 1 for r in self.ema_rates):
             raise UsageError(f"--ema rates must lie in (0, 1), got {o['ema']}")
@@ -375,8 +380,12 @@ class Trainer:
         return torch.nn.functional.interpolate(x, size=self.o["low_res"], mode="area")
 
     def lr_at(self, step: int) -> float:
-        warm = self.o["warmup"]
-        return self.o["lr"] * min(1.0, (step + 1) / warm) if warm > 0 else self.o["lr"]
+        """The learning rate of optimisation step `step` (0-based): linear warm-up over --warmup
+        steps, then, with --lr-anneal-steps N, improved-diffusion's linear decay
+        lr·(1 − step/N), which reaches 0 at step N."""
+        warm, anneal = self.o["warmup"], self.o.get("lr_anneal_steps", 0)
+        lr = self.o["lr"] * min(1.0, (step + 1) / warm) if warm > 0 else self.o["lr"]
+        return lr * max(0.0, 1 - step / anneal) if anneal > 0 else lr
 
     def microbatches(self, rows: slice) -> List[slice]:
         """The rows of the global batch this process runs, in chunks of --microbatch."""

@@ -194,15 +194,16 @@ def test_failed_setup_leaves_no_run_directory(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- training data
-def _trainer(tmp_path, images, **opts):
+def _trainer(tmp_path, images, resume=None, **opts):
     from gaussdiff.train import DEFAULTS, Trainer
+    tmp_path.mkdir(exist_ok=True)
     path = tmp_path / "d.npz"
     np.savez(path, images)
     o = dict(DEFAULTS, data=str(path), model_channels=16, channel_mult="1", num_res_blocks=1,
              attention_resolutions="0", norm_groups=8, diffusion_steps=50, batch_size=8, steps=6,
              lr=1e-3, ema="0.9", seed=3, sample_every=0, save_every=100, log_every=1)
     o.update(opts)
-    return Trainer(o, str(tmp_path / "run"), device="cpu", progress=False)
+    return Trainer(o, str(tmp_path / "run"), resume=resume, device="cpu", progress=False)
 
 
 def test_flips_are_horizontal(tmp_path):
@@ -245,6 +246,30 @@ def test_warmup_is_linear_over_the_given_steps(tmp_path):
     import json
     logged = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "log.jsonl")]
     assert logged == pytest.approx(expected, rel=1e-12)
+
+
+def test_lr_anneal_is_improved_diffusions_linear_decay(tmp_path):
+    """--lr-anneal-steps N: step k (1-based) runs at lr·min(1, k/W)·(1 − (k−1)/N), improved-
+    diffusion's _anneal_lr (frac_done = step/lr_anneal_steps with its 0-based step), which
+    reaches 0 at step N; after a --resume the schedule continues where it stopped."""
+    images = np.random.default_rng(1).integers(0, 256, size=(16, 8, 8, 1), dtype=np.uint8)
+    expected = [1e-3 * min(1, k / 2) * (1 - (k - 1) / 6) for k in range(1, 7)]
+    applied = []
+    for steps, resume in ((3, None), (6, "auto")):
+        tr = _trainer(tmp_path, images, warmup=2, steps=steps, lr_anneal_steps=6, save_every=3,
+                      resume=resume)
+        real_step = tr.opt.step
+
+        def spy(*a, _real=real_step, _tr=tr, **k):
+            applied.append(_tr.opt.param_groups[0]["lr"])
+            return _real(*a, **k)
+        tr.opt.step = spy
+        tr.run()
+    assert applied == pytest.approx(expected, rel=1e-12)
+    assert applied[-1] == pytest.approx(1e-3 / 6)
+    for bad in (-1, 5):
+        with pytest.raises(UsageError, match=f"--lr-anneal-steps must be 0 .* got {bad}"):
+            _trainer(tmp_path / "other", images, steps=6, lr_anneal_steps=bad)
 
 
 def test_image_folder_channels_come_from_the_data(tmp_path):
