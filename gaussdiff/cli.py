@@ -178,6 +178,7 @@ def cmd_train(args):
 
 # ------------------------------------------------------------------------------------- sample
 def add_sample_parser(sub):
+    from .diffusion import FIXED_VAR_TYPES
     from .schedules import SIGMA_SCHEDULES
     p = sub.add_parser("sample", help="draw images from a model directory")
     a = p.add_argument
@@ -235,6 +236,9 @@ def add_sample_parser(sub):
     g.add_argument("--atol", type=float, help="absolute tolerance of the adaptive sampler (0.0078)")
     g.add_argument("--quantize", action="store_true",
                    help="give a discrete-time model the nearest timestep, not a fractional one")
+    g.add_argument("--var-type", choices=FIXED_VAR_TYPES,
+                   help="ddpm: fixed reverse variances (β̃_t or β_t) instead of the model's own, "
+                        "e.g. learned ones (Improved DDPM Fig. 8)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -278,6 +282,8 @@ def _sample(args, dist, device):
     from .images import save_grid, save_npz
     guidance = guidance_from_args(args, device)
     if args.cascade:
+        if args.var_type:
+            raise UsageError("--var-type applies to one model's ddpm sampler, not to --cascade")
         if dist.enabled:
             raise UsageError("--cascade runs in one process (not under torchrun)")
         return sample_cascade(args, device, guidance)
@@ -316,7 +322,7 @@ def _sample(args, dist, device):
                            churn=args.churn, tmin=args.tmin, tmax=args.tmax,
                            snoise=args.snoise, rtol=args.rtol, atol=args.atol,
                            quantize=args.quantize, stats=stats, guidance=guidance,
-                           precision=precision)
+                           precision=precision, var_type=args.var_type)
     sharded = bool(args.out) and not dist.enabled and args.num > args.shard_size
     if sharded:
         from .sharded import sample_in_shards

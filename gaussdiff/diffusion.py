@@ -22,6 +22,7 @@ from .rng import Generator, randn, randn_like
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+FIXED_VAR_TYPES = VAR_TYPES[:2]
 LOSS_TYPES = ("mse", "hybrid", "kl")
 LN2 = math.log(2.0)
 

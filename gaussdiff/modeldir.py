@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .version import __version__
-from .diffusion import GaussianDiffusion, make_diffusion
+from .diffusion import FIXED_VAR_TYPES, GaussianDiffusion, make_diffusion
 from .errors import UsageError
 from .nn.unet import UNetConfig, UNetModel
 from .samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
@@ -141,11 +141,18 @@ class Pipeline:
         """"generate", or "upsample" for the second stage of a cascade (needs low_res)."""
         return task_of(self.config)["type"]
 
-    def respaced(self, steps) -> GaussianDiffusion:
+    def respaced(self, steps, var_type: Optional[str] = None) -> GaussianDiffusion:
         """This model's diffusion respaced to `steps` (an int, "ddimN", "a,b,c" or a list of
-        section counts, as improved-diffusion reads one)."""
+        section counts, as improved-diffusion reads one); var_type "fixed_small" (β̃_t) or
+        "fixed_large" (β_t) replaces the model's reverse variances (a learned-Σ model's
+        variance channels are then ignored: Improved DDPM Fig. 8's fixed-Σ curves)."""
         spacing = steps if not isinstance(steps, int) else str(steps)
-        return make_diffusion(respacing=spacing, **self.config["diffusion"])
+        config = dict(self.config["diffusion"])
+        if var_type is not None:
+            if var_type not in FIXED_VAR_TYPES:
+                raise UsageError(f"--var-type {var_type}: choose one of {', '.join(FIXED_VAR_TYPES)}")
+            config["var_type"] = var_type
+        return make_diffusion(respacing=spacing, **config)
 
     def sigma_steps(self, steps: int, schedule: str = "karras", rho: Optional[float] = None,
                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
@@ -189,7 +196,8 @@ class Pipeline:
                tmax: Optional[float] = None, snoise: Optional[float] = None,
                rtol: Optional[float] = None, atol: Optional[float] = None, quantize: bool = False,
                state_dtype: Optional[torch.dtype] = None, stats: Optional[dict] = None,
-               guidance=None, low_res: Optional[torch.Tensor] = None, precision: str = "fp32"):
+               guidance=None, low_res: Optional[torch.Tensor] = None, precision: str = "fp32",
+               var_type: Optional[str] = None):
         """Draw `num` images. Returns (uint8 NHWC array, int64 labels or None).
 
         sampler: "ddpm" (ancestral) or "ddim" (with eta), the discrete engine, with `steps` a
@@ -211,6 +219,8 @@ class Pipeline:
         upsampling model (`task` "upsample") refines, row i for image i.
         precision: "fp32", or "bf16"/"fp16": the network runs under autocast and returns float32
         (gaussdiff.amp.autocast_forward); the sampler's state and arithmetic keep their dtype.
+        var_type: the ddpm sampler's reverse variances instead of the model's own: "fixed_small"
+        (β̃_t) or "fixed_large" (β_t); see `respaced`.
         Image i depends only on (seed, start_index + i), never on the batch size.
         """
         from tqdm.auto import tqdm
@@ -227,9 +237,11 @@ class Pipeline:
                                  f"not apply; use a σ-space sampler such as heun")
             _check_sampler_options(sampler, options, ("eta",))   # ddpm ignores eta, as it always did
             given = dict(sigma_schedule=sigma_schedule, rho=rho, sigma_min=sigma_min,
-                         sigma_max=sigma_max, quantize=quantize or None, state_dtype=state_dtype)
-            _check_sampler_options(sampler, {k: v for k, v in given.items() if v is not None}, ())
-            diffusion = self.respaced(steps)
+                         sigma_max=sigma_max, quantize=quantize or None, state_dtype=state_dtype,
+                         var_type=var_type)
+            _check_sampler_options(sampler, {k: v for k, v in given.items() if v is not None},
+                                   ("var_type",) if sampler == "ddpm" else ())
+            diffusion = self.respaced(steps, var_type)
             loop = diffusion.p_sample_loop if sampler == "ddpm" else \
                 partial(diffusion.ddim_sample_loop, eta=options.get("eta", 0.0))
             num_steps = diffusion.num_timesteps
@@ -242,6 +254,8 @@ class Pipeline:
                             model_kwargs=kwargs, clip_denoised=clip_denoised, generator=gens,
                             **guided)
         else:
+            if var_type is not None:
+                _check_sampler_options(sampler, {"var_type": var_type}, ())
             run, num_steps = self._sigma_sampler(sampler, steps, options, sigma_schedule, rho,
                                                  sigma_min, sigma_max, quantize, clip_denoised,
                                                  state_dtype, guidance)

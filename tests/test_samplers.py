@@ -464,6 +464,36 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
+def test_ddpm_var_type_override_uses_fixed_variances(model_dir):
+    """sample(var_type=...) on a learned-Σ model (Improved DDPM Fig. 8's fixed-Σ curves): on the
+    levels of "ddim10" (t = 0, 10, ..., 90) the reverse variance of step i > 0 is β_i
+    (fixed_large) or β̃_i = β_i(1 − ᾱ_{i−1})/(1 − ᾱ_i) (fixed_small), with β_i = 1 − ᾱ_i/ᾱ_{i−1}
+    of the respaced levels, written out from ᾱ here; at i = 0 fixed_large takes β̃_1
+    (improved-diffusion's np.append(posterior_variance[1], betas[1:])). The mean stays the
+    learned model's; images change; other samplers refuse the option."""
+    import gaussdiff
+    pipe = gaussdiff.load(model_dir, device="cpu")
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 5])
+    learned = pipe.respaced("ddim10").p_mean_variance(pipe.model, x, t)
+    abar = np.cumprod(1 - beta_schedule("linear", T).astype(np.float64))[::10]   # respaced levels
+    prev = np.concatenate([[1.0], abar[:-1]])
+    beta = 1 - abar / prev
+    post = beta * (1 - prev) / (1 - abar)
+    for var_type, want in (("fixed_large", [post[1], beta[5]]), ("fixed_small", [0.0, post[5]])):
+        out = pipe.respaced("ddim10", var_type).p_mean_variance(pipe.model, x, t)
+        torch.testing.assert_close(out["mean"], learned["mean"])
+        np.testing.assert_allclose(out["variance"][:, 0, 0, 0].double().numpy(), want, rtol=1e-5)
+    a, _ = pipe.sample(2, "ddpm", 10, seed=0, progress=False)
+    b, _ = pipe.sample(2, "ddpm", 10, seed=0, progress=False, var_type="fixed_large")
+    assert (a != b).any()
+    for sampler in ("ddim", "heun"):
+        with pytest.raises(UsageError, match=f"var_type does not apply to the {sampler} sampler"):
+            pipe.sample(1, sampler, 4, var_type="fixed_small", progress=False)
+    with pytest.raises(UsageError, match="--var-type learned: choose one of fixed_small, fixed_large"):
+        pipe.respaced(10, "learned")
+
+
 def test_pipeline_sigma_samplers_nfe_and_per_seed(model_dir):
     """Pipeline.sample runs σ-space samplers on a discrete model: heun with N = 3 steps reports
     2N − 1 = 5 NFE; images do not depend on the batch size; ddpm/ddim still report T' NFE."""
