@@ -1,0 +1,187 @@
+"""The seeds' sampling claims at this scale (issue 11): every FID point, resumable.
+
+    python scripts/reproduce.py [--num 2000] [--only REGEX] [--list] [--figures]
+
+Protocol: N samples per point (2,000; 5,000 for the headline rows, over seeds 0, 1, 2) scored
+by `gaussdiff eval` against the Inception statistics of the whole Fashion-MNIST test set
+(10,000 images; computed on first use, ~35 min on 2 cores, then cached), fp32 features. The
+floor is N real training images against the same statistics.
+
+Each point runs `gaussdiff sample ... --out WORK/NAME.npz` (sharded, so an interrupted point
+resumes its shards) and `gaussdiff eval ... --out OUT/NAME.json`; a point whose JSON exists is
+skipped, so the script can be stopped and restarted at any time, across sessions. Every JSON
+records the two command lines and the machine. `--figures` writes docs/repro/*.png and
+OUT/table.md from the JSONs present. Points run in the order listed (`--list`): headline rows
+first, then the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+G = [sys.executable, "-m", "gaussdiff"]
+EPS, EDM, CLS = "models/fashion-small", "models/fashion-cond-edm", "models/fashion-classifier"
+REF = ["--ref", "fashion-mnist", "--ref-split", "test", "--ref-num", "10000"]
+
+
+def heun_steps(nfe: int) -> int:
+    return (nfe + 1) // 2
+
+
+def points(num: int, headline_num: int):
+    """(name, sample args or None for real data, eval metrics, num, tags) in run order."""
+    P = []
+
+    def add(name, sample, num=num, metrics="fid", **tags):
+        P.append(dict(name=name, sample=sample, metrics=metrics, num=num, tags=tags))
+
+    # headline rows: the floor, DDPM 1000 and Heun 35 on the ε-model, Heun 35 on the EDM model
+    for seed in (0, 1, 2):
+        add(f"floor-train-s{seed}", None, headline_num, group="headline", seed=seed)
+        add(f"eps-heun35-s{seed}", [EPS, "--sampler", "heun", "--steps", "18", "--seed", str(seed)],
+            headline_num, group="headline", seed=seed)
+        add(f"edm-heun35-s{seed}", [EDM, "--sampler", "heun", "--steps", "18", "--seed", str(seed)],
+            headline_num, group="headline", seed=seed)
+        add(f"eps-ddpm1000-s{seed}", [EPS, "--sampler", "ddpm", "--steps", "1000", "--seed", str(seed)],
+            headline_num, group="headline", seed=seed)
+    # EDM Fig. 2: FID against NFE per sampler, on both models
+    for nfe in (10, 20, 35, 50, 100):
+        for model, tag in ((EPS, "eps"), (EDM, "edm")):
+            for sampler in ("euler", "heun", "dpmpp_2m", "ddim" if tag == "eps" else "ddim_sigma",
+                            "ddpm" if tag == "eps" else "euler_ancestral"):
+                steps = heun_steps(nfe) if sampler == "heun" else nfe
+                actual = 2 * steps - 1 if sampler == "heun" else nfe   # heun: 2N − 1 evaluations
+                add(f"fig2-{tag}-{sampler}-{actual}", [model, "--sampler", sampler, "--steps", str(steps)],
+                    group="fig2", model=tag, sampler=sampler, nfe=actual)
+    # EDM Fig. 4: the stochastic sampler against the deterministic one, ε-model, Heun 35 NFE
+    for churn in (0, 5, 10, 20, 40, 80):
+        add(f"fig4-churn{churn}", [EPS, "--sampler", "heun", "--steps", "18", "--churn", str(churn),
+                                   "--tmin", "0.05", "--tmax", "50", "--snoise", "1.003"],
+            group="fig4", churn=churn)
+    # Improved DDPM Fig. 8: respaced DDPM with learned Σ, fixed Σ (both) and DDIM
+    for steps in (25, 50, 100, 250):
+        for variant, extra in (("learned", []), ("fixed_small", ["--var-type", "fixed_small"]),
+                               ("fixed_large", ["--var-type", "fixed_large"])):
+            add(f"fig8-ddpm-{variant}-{steps}", [EPS, "--sampler", "ddpm", "--steps", str(steps)] + extra,
+                group="fig8", variant=f"ddpm {variant}", steps=steps)
+        add(f"fig8-ddim-{steps}", [EPS, "--sampler", "ddim", "--steps", str(steps)],
+            group="fig8", variant="ddim", steps=steps)
+    # ADM Tables 15-16: the sweep's best five-section schedule (90,60,60,20,20 steps over the five
+    # fifths of t, t = 0 first) against uniform spacing at 250 steps, and the same proportions
+    # at 50 steps; DDPM, as ADM sampled its LSUN models
+    for steps, sections in ((50, "18,12,12,4,4"), (250, "90,60,60,20,20")):
+        add(f"adm-uniform-{steps}", [EPS, "--sampler", "ddpm", "--steps", str(steps)],
+            group="adm-sections", steps=steps, spacing="uniform")
+        add(f"adm-sections-{steps}", [EPS, "--sampler", "ddpm", "--steps", sections],
+            group="adm-sections", steps=steps, spacing=sections)
+    # ADM Fig. 6: classifier-guidance scale; classifier-free weight on the EDM model
+    gm = "fid,prec,rec,is"
+    for scale in (0, 1, 2, 4, 8):
+        add(f"fig6-classifier-{scale}", [EPS, "--sampler", "ddpm", "--steps", "100", "--classifier", CLS,
+                                          "--classifier-scale", str(scale)],
+            metrics=gm, group="fig6-classifier", scale=scale)
+    for w in (1, 1.5, 2, 3, 4):
+        add(f"fig6-cfg-{w}", [EDM, "--sampler", "heun", "--steps", "18", "--cfg-scale", str(w)],
+            metrics=gm, group="fig6-cfg", scale=w)
+    return P
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = re.search(r"model name\s*:\s*(.*)", info)
+        cpu = name.group(1) if name else cpu
+        cpu += ", AVX512-BF16" if "avx512_bf16" in info else (", AVX-512" if "avx512f" in info else ", AVX2")
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+
+
+def run(cmd):
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def feature_net(work: str) -> str:
+    """The data classifier behind IS (`is_NAME`): trained once into WORK/fashion-net."""
+    path = os.path.join(work, "fashion-net")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        run(G + ["train-feature-net", "--data", "fashion-mnist", "--out", path, "--no-progress"])
+    return path
+
+
+def do_point(p, out: str, work: str):
+    dest = os.path.join(out, p["name"] + ".json")
+    if os.path.exists(dest):
+        return False
+    samples = os.path.join(work, p["name"] + ".npz")
+    started = time.time()
+    if p["sample"] is None:   # the floor: real training images
+        seed = p["tags"]["seed"]
+        sample_cmd = ["<first>", str(p["num"]), "training images from index", str(seed * p["num"])]
+        if not os.path.exists(samples):
+            import numpy as np
+            from gaussdiff.data import load_dataset
+            images = load_dataset("fashion-mnist", "train").images
+            np.savez(samples + ".tmp.npz", images[seed * p["num"]:(seed + 1) * p["num"]])
+            os.replace(samples + ".tmp.npz", samples)
+    else:
+        sample_cmd = G + ["sample"] + p["sample"] + ["--num", str(p["num"]), "--out", samples,
+                                                     "--no-progress"]
+        if not os.path.exists(samples):
+            run(sample_cmd)
+    sampled = time.time()
+    eval_cmd = G + ["eval", samples] + REF + ["--metrics", p["metrics"], "--no-progress"]
+    if "is" in p["metrics"].split(","):
+        eval_cmd += ["--feature-net", feature_net(work)]
+    result = subprocess.run(eval_cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    record = dict(name=p["name"], tags=p["tags"], num=p["num"], metrics=json.loads(result.stdout)["metrics"],
+                  sample_command=" ".join(["gaussdiff"] + sample_cmd[3:]) if p["sample"] else " ".join(sample_cmd),
+                  eval_command=" ".join(["gaussdiff"] + eval_cmd[3:]), machine=machine(),
+                  seconds=dict(sample=round(sampled - started, 1), eval=round(time.time() - sampled, 1)))
+    tmp = dest + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, dest)
+    print(p["name"], record["metrics"], flush=True)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num", type=int, default=2000, help="samples per figure point (2000)")
+    ap.add_argument("--headline-num", type=int, default=5000, help="samples per headline row (5000)")
+    ap.add_argument("--only", default="", help="run only the points whose name matches this regex")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "repro"))
+    ap.add_argument("--work", default=os.path.join(os.environ.get("GAUSSDIFF_CACHE", os.path.expanduser(
+        "~/.cache/gaussdiff")), "repro"), help="samples and the feature net (not committed)")
+    ap.add_argument("--list", action="store_true", help="print the points and whether each is done")
+    ap.add_argument("--figures", action="store_true", help="only draw the figures and the table")
+    args = ap.parse_args(argv)
+    todo = [p for p in points(args.num, args.headline_num) if re.search(args.only, p["name"])]
+    if args.list:
+        for p in todo:
+            done = os.path.exists(os.path.join(args.out, p["name"] + ".json"))
+            print(("done " if done else "     ") + p["name"])
+        return
+    if not args.figures:
+        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(args.work, exist_ok=True)
+        for p in todo:
+            do_point(p, args.out, args.work)
+    from figures_repro import draw   # noqa: E402 (scripts/ is on sys.path when run as a script)
+    draw(args.out, os.path.join(ROOT, "docs", "repro"))
+
+
+if __name__ == "__main__":
+    main()
