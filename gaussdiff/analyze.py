@@ -171,14 +171,11 @@ def _index_at(diffusion, t: int) -> int:
 
 def _reverse(diffusion, model, x: torch.Tensor, start: int, gens, kwargs, clip: bool,
              callback=None) -> torch.Tensor:
-    """Ancestral steps from x = x at step `start` (an index of `diffusion`) down to x_0."""
-    for i in range(start, -1, -1):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        out = diffusion.p_sample(model, x, t, clip, kwargs, generator=gens)
-        x = out["sample"]
-        if callback is not None:
-            callback(i, x, out["pred_xstart"])
-    return x
+    """Ancestral steps from x = x at step `start` (an index of `diffusion`) down to x_0;
+    callback(i, state at step i − 1, x̂_0 at step i)."""
+    hook = None if callback is None else lambda d: callback(d["i"], d["sample"], d["pred_xstart"])
+    return diffusion.p_sample_loop(model, x.shape, noise=x, clip_denoised=clip, model_kwargs=kwargs,
+                                   generator=gens, callback=hook, start=start)
 
 
 def _chain_setup(pipe: Pipeline, steps, what: str):

@@ -385,15 +385,20 @@ class GaussianDiffusion:
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
                       denoised_fn=None, device=None, dtype=torch.float32, progress=False,
                       generator: Generator = None, callback=None, noise_scale: float = 1.0,
-                      cond_fn=None, cond_at_mean: bool = False):
+                      cond_fn=None, cond_at_mean: bool = False, start: Optional[int] = None):
         """Ancestral sampling from x_T ~ N(0, I) (or `noise`) down to x_0, [B, C, H, W].
 
         Device and dtype come from `noise` when given. `callback(dict(i, t, sample,
-        pred_xstart))` is called after every step. noise_scale, cond_fn, cond_at_mean: see
-        `p_sample` (temperature and classifier guidance).
+        pred_xstart))` is called after every step, `sample` being the state at step i − 1.
+        noise_scale, cond_fn, cond_at_mean: see `p_sample` (temperature and classifier
+        guidance). start: the step index to begin at (default the last, T' − 1), `noise` then
+        being the state x at that step, e.g. a noised image (SDEdit-style continuations).
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="ddpm"):
+        start = self.num_timesteps - 1 if start is None else int(start)
+        if not 0 <= start < self.num_timesteps:
+            raise ValueError(f"start must be a step index in [0, {self.num_timesteps - 1}], got {start}")
+        for i in tqdm(range(start, -1, -1), disable=not progress, desc="ddpm"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             out = self.p_sample(model, x, t, clip_denoised, model_kwargs, denoised_fn, generator,
                                 noise_scale, cond_fn, cond_at_mean)

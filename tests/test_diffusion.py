@@ -520,6 +520,32 @@ def test_p_sample_step_and_model_timesteps():
     np.testing.assert_array_equal(model.seen[0].numpy(), np.asarray(d.timestep_map)[[0, 4, 9]])
 
 
+def test_p_sample_loop_start_continues_a_chain_bit_for_bit():
+    """p_sample_loop(start=k, noise=x_k) takes the same steps k, ..., 0 as the full loop took
+    from x_k on (same generator state there): the full chain, split at k, gives the same x_0;
+    the model sees the original indices from step k down; a start outside [0, T' − 1] is refused."""
+    d = make_diffusion("cosine", 200, respacing="10", var_type="fixed_large")
+    model = GaussianDataEps(d, 0.2, 0.3)
+    k, gen = 4, torch.Generator().manual_seed(5)
+    saved = {}
+
+    def keep(step):
+        if step["i"] == k + 1:   # its sample is the state at step k
+            saved.update(x=step["sample"].clone(), state=gen.get_state())
+    full = d.p_sample_loop(model, (2, 1, 2, 2), noise=randn(2, 1, 2, 2, seed=47), generator=gen,
+                           callback=keep)
+    model.seen.clear()
+    gen2 = torch.Generator()
+    gen2.set_state(saved["state"])
+    rest = d.p_sample_loop(model, (2, 1, 2, 2), noise=saved["x"], generator=gen2, start=k)
+    torch.testing.assert_close(rest, full, rtol=0, atol=0)
+    seen = torch.stack([s[0] for s in model.seen]).numpy()
+    np.testing.assert_array_equal(seen, np.asarray(d.timestep_map)[k::-1])
+    for bad in (-1, d.num_timesteps):
+        with pytest.raises(ValueError, match=f"start must be a step index in \\[0, 9\\], got {bad}"):
+            d.p_sample_loop(model, (1, 1, 2, 2), start=bad)
+
+
 # --------------------------------------------------------------------------------- configuration
 def exactly(message):
     """A regex matching exactly `message` (for pytest.raises(match=...))."""
