@@ -322,6 +322,38 @@ def test_eval_cli_with_feature_net_and_cache(tmp_path, feature_net_dir, capsys):
     assert same["precision_toy"] == 1 and same["recall_toy"] == 1
 
 
+def test_compact_reference_serves_fd_and_recomputes_what_it_lacks(tmp_path, feature_net_dir, capsys):
+    """A compact copy of a reference cache (compact_reference: the FD statistics only, as
+    shipped for the 10k test set) answers fd from the copy (hit, the same value), while
+    precision in the net's space, which needs the reference features, recomputes them (miss)
+    and gives the value of a full cache."""
+    from gaussdiff import UsageError
+    from gaussdiff.metrics.evaluate import compact_reference
+    samples = _npz(tmp_path / "samples.npz", _labelled_images(20, seed=2)[0])
+    ref = _npz(tmp_path / "ref.npz", _labelled_images(30, seed=3)[0])
+    full, small = tmp_path / "full", tmp_path / "small"
+    small.mkdir()
+
+    def run(cache, metrics, space="inception"):
+        args = ["eval", samples, "--ref", ref, "--metrics", metrics, "--feature-net", feature_net_dir,
+                "--cache-dir", str(cache), "--no-progress"] + (["--space", space])
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)
+    want = run(full, "fd,prec", "net")["metrics"]
+    (cached,) = list(full.iterdir())
+    dest = compact_reference(str(cached), str(small), keep=("net_mu", "net_sigma"))
+    with np.load(dest) as f:
+        assert sorted(f.files) == ["key", "net_mu", "net_sigma"]
+    got = run(small, "fd")
+    assert got["reference"]["cache"]["net"]["hit"] is True
+    assert got["metrics"]["fd_toy"] == want["fd_toy"]
+    got = run(small, "prec", "net")
+    assert got["reference"]["cache"]["net"]["hit"] is False
+    assert got["metrics"]["precision_toy"] == want["precision_toy"]
+    with pytest.raises(UsageError, match="has no pool_mu"):
+        compact_reference(dest, str(tmp_path / "x.npz"))
+
+
 def test_eval_cli_errors_are_one_line(tmp_path, capsys):
     """Bad input -> exit 2 with a message naming the problem: an unknown metric, fd without a
     feature net, more samples asked for than the file holds."""

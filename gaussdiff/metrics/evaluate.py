@@ -105,11 +105,14 @@ def compute_features(network, images: np.ndarray, batch_size: int = 50, progress
 
 
 def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str,
-                         batch_size: int = 50, progress: bool = True) -> Dict[str, np.ndarray]:
+                         batch_size: int = 50, progress: bool = True,
+                         need: Iterable[str] = ()) -> Dict[str, np.ndarray]:
     """Cached statistics of reference images [M, H, W, C] for `network`.
 
     Inception: pool_features [M, 2048] float32, pool_mu, pool_sigma, spatial_mu, spatial_sigma.
     FeatureNet: net_features [M, d], net_mu, net_sigma. Also "_path" and "_hit" (was cached).
+    need: the arrays the caller uses; a cache file without one of them (a compact copy made
+    by `compact_reference`, e.g. FID statistics without the features) is recomputed.
     """
     key = json.dumps({"version": CACHE_VERSION, "images": images_sha1(images), "num": len(images),
                       "network": _network_spec(network)}, sort_keys=True)
@@ -120,7 +123,7 @@ def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as f:
-                if str(f["key"]) == key:
+                if str(f["key"]) == key and set(need) <= set(f.files):
                     out = {k: f[k] for k in f.files if k != "key"}
                     return out | {"_path": path, "_hit": True}
         except Exception:
@@ -143,6 +146,21 @@ def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str
                          f"--cache-dir or set ${CACHE_ENV}") from None
     arrays.pop("key")
     return arrays | {"_path": path, "_hit": False}
+
+
+def compact_reference(src: str, dest: str, keep: Iterable[str] = ("pool_mu", "pool_sigma")):
+    """A copy of the reference cache file `src` holding only the arrays `keep` (and its key),
+    small enough to ship: FID against it needs no reference images and no features; metrics
+    that need more recompute. `dest` is a directory (the file keeps its name) or a path."""
+    with np.load(src, allow_pickle=False) as f:
+        missing = [k for k in keep if k not in f.files]
+        if missing:
+            raise UsageError(f"{src} has no {', '.join(missing)}")
+        arrays = {k: f[k] for k in ("key", *keep)}
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, os.path.basename(src))
+    _atomic_savez(dest, arrays)
+    return dest
 
 
 def check_images(images: np.ndarray, what: str = "the samples"):
@@ -188,7 +206,10 @@ def evaluate(samples: np.ndarray, reference: np.ndarray, metrics: Iterable[str] 
         from .inception import get_inception
         inc = get_inception(device)
         networks["inception"] = inc.network_id
-        ref = reference_statistics(inc, reference, reference_name, cache_dir, batch_size, progress)
+        need = {"fid": ("pool_mu", "pool_sigma"), "sfid": ("spatial_mu", "spatial_sigma")}
+        need = [k for m in metrics for k in need.get(m, ())] + \
+            (["pool_features"] if space == "inception" and {"kid", "prec", "rec"} & set(metrics) else [])
+        ref = reference_statistics(inc, reference, reference_name, cache_dir, batch_size, progress, need)
         ref_info["cache"]["inception"] = {"path": ref["_path"], "hit": ref["_hit"]}
         f = compute_features(inc, samples, batch_size, progress, desc="(samples)")
         if "fid" in metrics:
@@ -206,7 +227,9 @@ def evaluate(samples: np.ndarray, reference: np.ndarray, metrics: Iterable[str] 
                            "dataset": feature_net.config.get("dataset")}
         f = compute_features(feature_net, samples, batch_size, progress, desc="(samples)")
         if "fd" in metrics or space == "net":
-            ref = reference_statistics(feature_net, reference, reference_name, cache_dir, batch_size, progress)
+            need = ["net_mu", "net_sigma"] + (["net_features"] if space == "net" else [])
+            ref = reference_statistics(feature_net, reference, reference_name, cache_dir, batch_size,
+                                       progress, need)
             ref_info["cache"]["net"] = {"path": ref["_path"], "hit": ref["_hit"]}
             if "fd" in metrics:
                 out[f"fd_{name}"] = frechet_distance(*feature_statistics(f["net"]), ref["net_mu"], ref["net_sigma"])
