@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G = [sys.executable, "-m", "gaussdiff"]
 EPS, EDM, CLS = "models/fashion-small", "models/fashion-cond-edm", "models/fashion-classifier"
 REF = ["--ref", "fashion-mnist", "--ref-split", "test", "--ref-num", "10000"]
+SHIPPED = os.path.join(ROOT, "results", "reference")   # compact FID statistics kept in git
+REF_GLOB = "ref-fashion-mnist-test-inception-10000-*.npz"
 
 
 def heun_steps(nfe: int) -> int:
@@ -107,6 +109,38 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
 
 
+def cache_dir() -> str:
+    from gaussdiff.metrics.evaluate import default_cache_dir
+    return default_cache_dir()
+
+
+def install_shipped():
+    """Copy the shipped FID statistics into the cache, where `gaussdiff eval` looks (it checks
+    the key inside: images, network and count must match, else it recomputes)."""
+    import glob
+    import shutil
+    for src in glob.glob(os.path.join(SHIPPED, "*.npz")):
+        dest = os.path.join(cache_dir(), os.path.basename(src))
+        if not os.path.exists(dest):
+            os.makedirs(cache_dir(), exist_ok=True)
+            shutil.copyfile(src, dest + ".tmp")
+            os.replace(dest + ".tmp", dest)
+
+
+def ship_reference():
+    """Write the compact (FID-only, float32) copy of the cached 10k test-set statistics to
+    results/reference/ (about 17 MB: no recomputation, ~35 min on 2 cores, on a new machine)."""
+    import glob
+    import numpy as np
+    from gaussdiff.metrics.evaluate import compact_reference
+    found = [f for f in glob.glob(os.path.join(cache_dir(), REF_GLOB))
+             if "pool_features" in np.load(f).files]
+    if not found:
+        sys.exit(f"no full {REF_GLOB} in {cache_dir()}: run a point first")
+    os.makedirs(SHIPPED, exist_ok=True)
+    print("wrote", compact_reference(found[0], SHIPPED, ("pool_mu", "pool_sigma"), np.float32))
+
+
 def run(cmd):
     print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -167,7 +201,12 @@ def main(argv=None):
         "~/.cache/gaussdiff")), "repro"), help="samples and the feature net (not committed)")
     ap.add_argument("--list", action="store_true", help="print the points and whether each is done")
     ap.add_argument("--figures", action="store_true", help="only draw the figures and the table")
+    ap.add_argument("--ship-reference", action="store_true",
+                    help="write the compact 10k test-set FID statistics to results/reference/")
     args = ap.parse_args(argv)
+    if args.ship_reference:
+        return ship_reference()
+    install_shipped()
     todo = [p for p in points(args.num, args.headline_num) if re.search(args.only, p["name"])]
     if args.list:
         for p in todo:

@@ -352,6 +352,10 @@ def test_compact_reference_serves_fd_and_recomputes_what_it_lacks(tmp_path, feat
     assert got["metrics"]["precision_toy"] == want["precision_toy"]
     with pytest.raises(UsageError, match="has no pool_mu"):
         compact_reference(dest, str(tmp_path / "x.npz"))
+    half = compact_reference(str(cached), str(tmp_path / "half.npz"), ("net_mu", "net_sigma"), np.float32)
+    with np.load(half) as f, np.load(str(cached)) as g:
+        assert f["net_sigma"].dtype == np.float32 and str(f["key"]) == str(g["key"])
+        np.testing.assert_array_equal(f["net_sigma"], g["net_sigma"].astype(np.float32))
 
 
 def test_eval_cli_errors_are_one_line(tmp_path, capsys):

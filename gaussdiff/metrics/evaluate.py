@@ -148,15 +148,19 @@ def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str
     return arrays | {"_path": path, "_hit": False}
 
 
-def compact_reference(src: str, dest: str, keep: Iterable[str] = ("pool_mu", "pool_sigma")):
+def compact_reference(src: str, dest: str, keep: Iterable[str] = ("pool_mu", "pool_sigma"),
+                      dtype=None):
     """A copy of the reference cache file `src` holding only the arrays `keep` (and its key),
     small enough to ship: FID against it needs no reference images and no features; metrics
-    that need more recompute. `dest` is a directory (the file keeps its name) or a path."""
+    that need more recompute. dtype (e.g. np.float32) halves a float64 file; the Fréchet
+    distance computes in float64 whatever it reads. `dest` is a directory (the file keeps
+    its name) or a path."""
     with np.load(src, allow_pickle=False) as f:
         missing = [k for k in keep if k not in f.files]
         if missing:
             raise UsageError(f"{src} has no {', '.join(missing)}")
-        arrays = {k: f[k] for k in ("key", *keep)}
+        arrays = {k: f[k] if dtype is None else f[k].astype(dtype) for k in keep}
+        arrays["key"] = f["key"]
     if os.path.isdir(dest):
         dest = os.path.join(dest, os.path.basename(src))
     _atomic_savez(dest, arrays)
