@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .diffusion import make_diffusion
+from .diffusion.process import make_diffusion
 from .errors import UsageError
 from .modeldir import build_model, default_device, load_state_into, read_config, weights_path
 from .train import DEFAULTS, Trainer, unet_config

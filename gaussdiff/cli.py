@@ -12,11 +12,11 @@ from .errors import UsageError
 
 # ------------------------------------------------------------------------------------- train
 def add_train_parser(sub):
-    from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
-    from .precond import OBJECTIVES
+    from .diffusion.process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+    from .diffusion.precond import OBJECTIVES
     from .presets import PRESETS
-    from .resample import SCHEDULE_SAMPLERS
-    from .schedules import SCHEDULES
+    from .diffusion.timesteps import SCHEDULE_SAMPLERS
+    from .diffusion.schedules import SCHEDULES
     p = sub.add_parser("train", help="train a diffusion model",
                        description="Train a diffusion model. A --preset fills the options; any "
                                    "flag given overrides it. Defaults are listed in gaussdiff/train.py.")
@@ -178,8 +178,8 @@ def cmd_train(args):
 
 # ------------------------------------------------------------------------------------- sample
 def add_sample_parser(sub):
-    from .diffusion import FIXED_VAR_TYPES
-    from .schedules import SIGMA_SCHEDULES
+    from .diffusion.process import FIXED_VAR_TYPES
+    from .diffusion.schedules import SIGMA_SCHEDULES
     p = sub.add_parser("sample", help="draw images from a model directory")
     a = p.add_argument
     a("model", nargs="?", help="model or run directory (config.json + *.safetensors)")

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .diffusion import MEAN_TYPES, _check_choice
+from .diffusion.process import MEAN_TYPES, _check_choice
 from .errors import UsageError
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .version import __version__
-from .diffusion import FIXED_VAR_TYPES, GaussianDiffusion, make_diffusion
+from .diffusion.process import FIXED_VAR_TYPES, GaussianDiffusion, make_diffusion
 from .errors import UsageError
 from .nn.unet import UNetConfig, UNetModel
 from .samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
@@ -119,7 +119,7 @@ class Pipeline:
     """A loaded model: `.model` (the network), `.diffusion` (its full-length GaussianDiffusion)
     and `.config` (config.json). `.sample(...)` draws images. Models trained in σ-space
     (config.json has a "precond" section, `gaussdiff train --objective edm|vp|ve|iddpm`) also
-    have `.denoiser`, the preconditioned network D(x, sigma, **cond) (gaussdiff.precond) that
+    have `.denoiser`, the preconditioned network D(x, sigma, **cond) (gaussdiff.diffusion.precond) that
     σ-space samplers take; their `.diffusion` is unused."""
     model: torch.nn.Module
     diffusion: GaussianDiffusion
@@ -166,8 +166,8 @@ class Pipeline:
         sigma_max to karras and ve.
         """
         from .denoisers import pipeline_denoiser
-        from .schedules import (SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas,
-                                vp_sigmas)
+        from .diffusion.schedules import (SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas,
+                                          vp_sigmas)
         if schedule not in SIGMA_SCHEDULES:
             raise UsageError(f"unknown σ schedule {schedule!r}: choose one of {', '.join(SIGMA_SCHEDULES)}")
         if rho is not None and schedule != "karras":
@@ -368,6 +368,6 @@ def load(path: str, device=None, ema: Optional[str] = "auto") -> Pipeline:
     model.to(device or default_device()).eval()
     denoiser = None
     if cfg.get("precond"):   # σ-space objective: rebuild D(x; σ) around the network
-        from .precond import make_precond
+        from .diffusion.precond import make_precond
         denoiser = make_precond(cfg["precond"], model).eval()
     return Pipeline(model, make_diffusion(**cfg["diffusion"]), cfg, path, denoiser)

@@ -30,7 +30,7 @@ import torch
 
 from .errors import UsageError
 from .rng import Generator, randn_like
-from .schedules import VPODE
+from .diffusion.schedules import VPODE
 
 __all__ = ["NFECounter", "to_d", "ancestral_step", "euler", "heun", "heun_general",
            "euler_ancestral", "ddim", "dpmpp_2m", "adaptive", "SamplerSpec", "REGISTRY", "SAMPLERS",

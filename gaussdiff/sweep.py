@@ -56,7 +56,7 @@ def measure_nfe_formula(sampler: str) -> Tuple[int, int]:
     """(a, b) with NFE = a·N + b of a σ-space sampler, counted with a stub denoiser at N = 1, 2,
     3 (karras levels); a UsageError if the count does not grow linearly with N."""
     import torch
-    from .schedules import karras_sigmas
+    from .diffusion.schedules import karras_sigmas
     counts = []
     for n in (1, 2, 3):
         stats: dict = {}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range
-from .diffusion import make_diffusion
+from .diffusion.process import make_diffusion
 from .errors import UsageError
 from .data.augment import AUGMENT_DIM, AugmentPipe
 from .amp import Autocast, make_scaler, resolve_precision
@@ -30,8 +30,8 @@ from .modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, ato
                        build_model, default_device, ema_name, load_state_into, load_tensors,
                        make_config, read_config, save_tensors)
 from .nn.unet import UNetConfig
-from .precond import make_loss, make_precond, objective_sections
-from .resample import make_schedule_sampler
+from .diffusion.precond import make_loss, make_precond, objective_sections
+from .diffusion.timesteps import make_schedule_sampler
 
 # Defaults where neither a preset nor a flag says otherwise (DDPM/Improved DDPM values where
 # the papers give one; a small network so that a bare `gaussdiff train` runs on a CPU).
@@ -210,7 +210,7 @@ class Trainer:
         self.diffusion = make_diffusion(**diffusion_config(o))
         self.schedule_sampler = make_schedule_sampler(o["schedule_sampler"], self.diffusion.num_timesteps)
         self.objective = o.get("objective", "ddpm")
-        sigma_space = self.objective != "ddpm"   # EDM eqs. 7-8, gaussdiff.precond
+        sigma_space = self.objective != "ddpm"   # EDM eqs. 7-8, gaussdiff.diffusion.precond
         if sigma_space and (o.get("p2_gamma") or o.get("min_snr_gamma")
                             or o.get("schedule_sampler", "uniform") != "uniform"):
             raise UsageError(f"--p2-gamma, --min-snr-gamma and --schedule-sampler apply to "
@@ -483,7 +483,7 @@ class Trainer:
         from .data import to_uint8
         from .rng import per_sample_generators
         from .samplers import heun
-        from .schedules import karras_sigmas
+        from .diffusion.schedules import karras_sigmas
         n, o = self.o["sample_num"], self.o
         sigmas = karras_sigmas(o["sample_steps"], max(0.002, denoiser.sigma_min),
                                min(80.0, denoiser.sigma_max))

@@ -14,7 +14,7 @@ import torch
 
 from gaussdiff.diffusion import GaussianDiffusion
 from gaussdiff.guidance import ClassifierCondFn
-from gaussdiff.schedules import beta_schedule, space_timesteps
+from gaussdiff.diffusion.schedules import beta_schedule, space_timesteps
 
 gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")   # conftest fails instead in CI
 respace = pytest.importorskip("guided_diffusion.respace")

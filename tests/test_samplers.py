@@ -22,8 +22,8 @@ from gaussdiff.modeldir import CONFIG_NAME, WEIGHTS_NAME, Pipeline, atomic_write
     make_config, save_tensors
 from gaussdiff.nn.unet import UNetConfig, UNetModel
 from gaussdiff.rng import per_sample_generators
-from gaussdiff.schedules import (EDMODE, VPODE, beta_schedule, iddpm_sigmas, iddpm_u,
-                                 karras_sigmas, ve_sigmas, vp_sigmas)
+from gaussdiff.diffusion.schedules import (EDMODE, VPODE, beta_schedule, iddpm_sigmas, iddpm_u,
+                                           karras_sigmas, ve_sigmas, vp_sigmas)
 
 F64 = torch.float64
 MU = torch.tensor([0.5, -1.0], dtype=F64)

@@ -158,7 +158,7 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, sigma_min: float, sigma_max: f
         y = torch.from_numpy(sol.y[:, -1])
         x_max, delta = y[:-B].to(x).view(shape), y[-B:].to(x.device)
     else:
-        from ..schedules import karras_sigmas
+        from ..diffusion.schedules import karras_sigmas
         levels = np.log(karras_sigmas(steps + 1, sigma_min, sigma_max)[:-1][::-1])  # ascending
         x_max, delta = x.detach(), torch.zeros(B, dtype=torch.float64, device=x.device)
         for s, s_next in zip(levels[:-1], levels[1:]):

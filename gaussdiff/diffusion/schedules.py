@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 SCHEDULES = ("linear", "cosine")
 

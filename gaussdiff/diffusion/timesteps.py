@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 

@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .errors import UsageError
-from .losses import mean_flat
-from .rng import randn
+from ..errors import UsageError
+from .gaussian import mean_flat
+from ..rng import randn
 from .schedules import iddpm_u
 
 
