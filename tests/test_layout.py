@@ -1,0 +1,48 @@
+"""The package layout of issue 14: every module that moved into a sub-package keeps its old
+import path, as an alias of the new module (the same module object, so private names and
+monkeypatching carry over); gaussdiff.diffusion, now a package, re-exports the former module's
+public names."""
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+MOVED = {   # old path -> new path
+    "gaussdiff.schedules": "gaussdiff.diffusion.schedules",
+    "gaussdiff.precond": "gaussdiff.diffusion.precond",
+    "gaussdiff.losses": "gaussdiff.diffusion.gaussian",
+    "gaussdiff.resample": "gaussdiff.diffusion.timesteps",
+}
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
+def test_old_import_path_is_the_new_module(old, new):
+    module = importlib.import_module(new)
+    assert importlib.import_module(old) is module
+    parent, name = old.rsplit(".", 1)
+    assert getattr(importlib.import_module(parent), name) is module   # `from gaussdiff import x`
+
+
+def test_old_import_paths_in_a_fresh_interpreter():
+    """Each old path imports first thing in a new process (no import circle through the aliases)."""
+    code = ("import importlib, sys\n"
+            f"for old, new in {sorted(MOVED.items())!r}:\n"
+            "    assert importlib.import_module(old) is sys.modules[new], old\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_diffusion_package_reexports_the_process_module():
+    import gaussdiff
+    import gaussdiff.diffusion as pkg
+    from gaussdiff.diffusion import gaussian, process
+    public = [n for n, v in vars(process).items() if not n.startswith("_")
+              and getattr(v, "__module__", process.__name__) == process.__name__
+              and not isinstance(v, type(sys))]
+    assert {"GaussianDiffusion", "make_diffusion", "MEAN_TYPES", "VAR_TYPES", "FIXED_VAR_TYPES",
+            "LOSS_TYPES"} <= set(public)
+    for name in public + ["normal_kl", "discretized_gaussian_log_likelihood", "mean_flat"]:
+        assert getattr(pkg, name) is getattr(process, name), name
+    assert pkg.mean_flat is gaussian.mean_flat
+    assert gaussdiff.GaussianDiffusion is process.GaussianDiffusion
+    assert gaussdiff.schedules is importlib.import_module("gaussdiff.diffusion.schedules")
