@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import gaussdiff
-from gaussdiff.classifier import load_classifier
+from gaussdiff.training.classifier import load_classifier
 from gaussdiff.guidance import Guidance
 from gaussdiff.images import save_grid
 

@@ -14,12 +14,13 @@ from .errors import UsageError
 def add_train_parser(sub):
     from .diffusion.process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
     from .diffusion.precond import OBJECTIVES
-    from .presets import PRESETS
+    from .training.presets import PRESETS
     from .diffusion.timesteps import SCHEDULE_SAMPLERS
     from .diffusion.schedules import SCHEDULES
     p = sub.add_parser("train", help="train a diffusion model",
                        description="Train a diffusion model. A --preset fills the options; any "
-                                   "flag given overrides it. Defaults are listed in gaussdiff/train.py.")
+                                   "flag given overrides it. Defaults are listed in "
+                                   "gaussdiff/training/trainer.py.")
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="named settings (papers' and small CPU ones)")
     a("--out", required=True, help="run directory (created; holds checkpoints, log.jsonl, samples/)")
@@ -148,15 +149,15 @@ def add_train_parser(sub):
 
 def cmd_train(args):
     from .distributed import cleanup, setup
-    from .presets import get_preset
-    from .train import DEFAULTS, Trainer
+    from .training.presets import get_preset
+    from .training.trainer import DEFAULTS, Trainer
     opts = dict(DEFAULTS)
     if args.preset:
         opts.update(get_preset(args.preset))
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     opts.update(given)
     if args.resume:   # the run's --eval-* options, unless given again
-        from .train_eval import inherit_eval_options
+        from .training.evaluation import inherit_eval_options
         inherit_eval_options(opts, given, args.out)
     dist, device = setup(args.device)   # torchrun: a process group; else one process
     created = not os.path.exists(args.out)
@@ -292,7 +293,7 @@ def _sample(args, dist, device):
                                   ema=None if args.ema == "raw" else args.ema)
     if args.channels_last:
         pipe.model.to(memory_format=torch.channels_last)
-    from .amp import resolve_precision
+    from .training.precision import resolve_precision
     precision = resolve_precision(args.precision, device, args.force_precision, "sampling")
     steps = int(args.steps) if args.steps.isdigit() else args.steps
     labels = None
@@ -308,7 +309,7 @@ def _sample(args, dist, device):
     count = part.stop - part.start
     batch_size = args.batch_size
     if batch_size == "auto":
-        from .perf import autotune_batch_size
+        from .training.batch_size import autotune_batch_size
         batch_size = autotune_batch_size(pipe, count)
         if dist.is_main:
             print(f"--batch-size auto: {batch_size}")
@@ -363,7 +364,7 @@ def cmd_export(args):
     from .modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, read_config, save_tensors
     ema = None if args.ema == "raw" else args.ema
     if read_config(args.run).get("kind") == "classifier":   # a noisy classifier's run
-        from .classifier import load_classifier
+        from .training.classifier import load_classifier
         pipe = load_classifier(args.run, device="cpu", ema=ema)
     else:
         pipe = gaussdiff.load(args.run, device="cpu", ema=ema)

@@ -17,7 +17,7 @@ from .data import load_dataset
 from .errors import UsageError
 from .images import save_png
 from .modeldir import atomic_write_bytes, check_output_file
-from .train import parse_floats, parse_ints
+from .training.trainer import parse_floats, parse_ints
 
 
 def _outputs(out: str):
@@ -280,7 +280,7 @@ def cmd_guidance_sweep(args):
     pipe = _load(args)
     classifier = None
     if args.classifier:
-        from .classifier import load_classifier
+        from .training.classifier import load_classifier
         classifier = load_classifier(args.classifier, device=next(pipe.model.parameters()).device)
     labels = None if args.labels is None else parse_ints(args.labels, "labels")
     result = analyze.guidance_sweep(pipe, parse_floats(args.scales, "scales"), args.guide, classifier,

@@ -1,4 +1,4 @@
-"""The command line of gaussdiff.classifier, gaussdiff.guidance and gaussdiff.tools:
+"""The command line of gaussdiff.training.classifier, gaussdiff.guidance and gaussdiff.tools:
 `gaussdiff train-classifier`, `invert`, `interpolate`, `inpaint`, and the guidance and
 cascade options of `gaussdiff sample`."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _check_out_dir(*paths):
 
 
 def _parse_ints(text, what):
-    from .train import parse_ints
+    from .training.trainer import parse_ints
     return parse_ints(text, what) if text is not None else None
 
 
@@ -52,7 +52,7 @@ def add_guidance_arguments(p):
 def guidance_from_args(args, device):
     """A gaussdiff.guidance.Guidance from the options of add_guidance_arguments, or None."""
     from .guidance import Guidance
-    from .train import parse_floats
+    from .training.trainer import parse_floats
     if args.classifier is None and (args.classifier_scale is not None or args.classifier_grad_at
                                     or args.classifier_clip):
         raise UsageError("--classifier-scale, --classifier-grad-at and --classifier-clip apply "
@@ -68,7 +68,7 @@ def guidance_from_args(args, device):
             raise UsageError(f"--cfg-interval: expected LO,HI, got {args.cfg_interval!r}")
     classifier = None
     if args.classifier:
-        from .classifier import load_classifier
+        from .training.classifier import load_classifier
         classifier = load_classifier(args.classifier, device=device)
     return Guidance(classifier=classifier,
                     classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale,
@@ -119,7 +119,7 @@ def add_train_classifier_parser(sub):
                                    "directory works like train's (EMA, checkpoints, --resume); "
                                    "log.jsonl has loss and accuracy, overall and by quarter of "
                                    "the process (acc_q0: t in [0, T/4), ...). Defaults: "
-                                   "CLASSIFIER_DEFAULTS in gaussdiff/classifier.py.")
+                                   "CLASSIFIER_DEFAULTS in gaussdiff/training/classifier.py.")
     shared = ("out", "resume", "device", "no_progress", "data", "image_size", "channels", "flip",
               "skip_bad_images", "schedule", "diffusion_steps", "model_channels", "channel_mult",
               "num_res_blocks", "attention_resolutions", "num_heads", "num_head_channels",
@@ -137,7 +137,7 @@ def add_train_classifier_parser(sub):
 
 
 def cmd_train_classifier(args):
-    from .classifier import CLASSIFIER_DEFAULTS, ClassifierTrainer, schedule_of
+    from .training.classifier import CLASSIFIER_DEFAULTS, ClassifierTrainer, schedule_of
     opts = dict(CLASSIFIER_DEFAULTS)
     if args.schedule_from:
         opts.update(schedule_of(args.schedule_from))

@@ -187,7 +187,7 @@ def eps_offset(alphas_cumprod, mean_type: str) -> Callable:
 class Guidance:
     """How to steer a `Pipeline.sample` run (every field optional; the default changes nothing).
 
-    classifier: a `gaussdiff.classifier.NoisyClassifier` (or an object with its methods
+    classifier: a `gaussdiff.training.classifier.NoisyClassifier` (or an object with its methods
         num_classes, discrete_log_prob(alphas_cumprod) and sigma_log_prob) and its scale s.
     grad_at: where ∇ log p_φ is taken: "x_t" (ADM) or "mean", the unguided mean μ of
         p(x_{t-1} | x_t), the point of ADM D.2's Taylor expansion (ddpm only).

@@ -218,13 +218,14 @@ class Pipeline:
         temperature). low_res: [num, C, h, w] in [-1, 1], the low-resolution images an
         upsampling model (`task` "upsample") refines, row i for image i.
         precision: "fp32", or "bf16"/"fp16": the network runs under autocast and returns float32
-        (gaussdiff.amp.autocast_forward); the sampler's state and arithmetic keep their dtype.
+        (gaussdiff.training.precision.autocast_forward); the sampler's state and arithmetic keep
+        their dtype.
         var_type: the ddpm sampler's reverse variances instead of the model's own: "fixed_small"
         (β̃_t) or "fixed_large" (β_t); see `respaced`.
         Image i depends only on (seed, start_index + i), never on the batch size.
         """
         from tqdm.auto import tqdm
-        from .amp import autocast_forward
+        from .training.precision import autocast_forward
         from .data import to_uint8
         from .rng import per_sample_generators
         options = dict(eta=eta, churn=churn, tmin=tmin, tmax=tmax, snoise=snoise, rtol=rtol, atol=atol)
@@ -362,7 +363,8 @@ def load(path: str, device=None, ema: Optional[str] = "auto") -> Pipeline:
     cfg = read_config(path)
     if cfg.get("kind") == "classifier":
         raise UsageError(f"{path} holds a noisy classifier (gaussdiff train-classifier), not a "
-                         f"diffusion model: pass it as --classifier (gaussdiff.classifier.load_classifier)")
+                         f"diffusion model: pass it as --classifier "
+                         f"(gaussdiff.training.classifier.load_classifier)")
     model = build_model(cfg)
     load_state_into(model, weights_path(path, cfg, ema))
     model.to(device or default_device()).eval()

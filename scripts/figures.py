@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import gaussdiff
-from gaussdiff.classifier import load_classifier
+from gaussdiff.training.classifier import load_classifier
 from gaussdiff.guidance import Guidance
 from gaussdiff.images import make_grid, save_png
 

@@ -15,7 +15,7 @@ import torch
 
 import gaussdiff
 from gaussdiff import samplers as S
-from gaussdiff.classifier import ClassifierObjective, ClassifierTrainer, load_classifier
+from gaussdiff.training.classifier import ClassifierObjective, ClassifierTrainer, load_classifier
 from gaussdiff.cli import main as cli_main
 from gaussdiff.denoisers import DiscreteDenoiser
 from gaussdiff.diffusion import make_diffusion
@@ -26,7 +26,7 @@ from gaussdiff.guidance import (ClassifierCondFn, ClassifierFree, ClassifierGuid
                                 table_sigma)
 from gaussdiff.nn.encoder import AttentionPool2d, EncoderConfig, EncoderUNetModel
 from gaussdiff.rng import per_sample_generators
-from gaussdiff.train import DEFAULTS, Trainer
+from gaussdiff.training.trainer import DEFAULTS, Trainer
 from guided_models import NUM_CLASSES, make_classifier_dir, make_model_dir
 
 F64 = torch.float64
@@ -434,7 +434,7 @@ def test_cli_train_classifier_and_guided_sampling(dirs, tmp_path, capsys):
     assert "acc_q0" in open(f"{cls}/log.jsonl").read()
     # export copies the classifier's config and its EMA weights into a bundled directory
     assert cli_main(["export", cls, str(tmp_path / "cls-ema"), "--ema", "0.999"]) == 0
-    from gaussdiff.classifier import load_classifier
+    from gaussdiff.training.classifier import load_classifier
     a, b = load_classifier(cls, device="cpu", ema="0.999"), load_classifier(str(tmp_path / "cls-ema"), device="cpu")
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
     base = ["sample", dirs["cond"], "--num", "2", "--steps", "3", "--out", out, "--device", "cpu",

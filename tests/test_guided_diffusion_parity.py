@@ -234,7 +234,7 @@ def test_convert_openai_reproduces_guided_diffusion_networks(case, tmp_path):
     """A state dict of guided-diffusion's own UNetModel / SuperResModel / EncoderUNetModel
     (random weights), converted with the same flag string, gives their outputs (1e-5)."""
     import gaussdiff
-    from gaussdiff.classifier import load_classifier
+    from gaussdiff.training.classifier import load_classifier
     from gaussdiff.cli import main
     kind, flags = CONVERT_CASES[case]
     model = their_model(kind, flags)

@@ -553,7 +553,7 @@ def test_trainer_with_loss_second_moment_resumes_bit_exactly(tmp_path):
     non-uniform; 6 steps in one go equal 3 steps + resume + 3 steps, weights and resampler
     history included."""
     from gaussdiff.modeldir import load_tensors
-    from gaussdiff.train import DEFAULTS, Trainer
+    from gaussdiff.training.trainer import DEFAULTS, Trainer
     data = _npz(tmp_path / "d.npz", np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8))
     opts = dict(DEFAULTS, data=data, model_channels=8, channel_mult="1", attention_resolutions="",
                 norm_groups=4, schedule="cosine", diffusion_steps=4, loss="kl", var_type="learned_range",

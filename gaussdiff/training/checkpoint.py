@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -350,5 +350,5 @@ def trim_log(path: str, step: int):
         if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
             kept.append(line)
     if len(kept) != len(lines):
-        from .modeldir import atomic_write_bytes
+        from ..modeldir import atomic_write_bytes
         atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .diffusion.process import make_diffusion
-from .errors import UsageError
-from .modeldir import build_model, default_device, load_state_into, read_config, weights_path
-from .train import DEFAULTS, Trainer, unet_config
+from ..diffusion.process import make_diffusion
+from ..errors import UsageError
+from ..modeldir import build_model, default_device, load_state_into, read_config, weights_path
+from .trainer import DEFAULTS, Trainer, unet_config
 
 # `gaussdiff train`'s defaults, with a small ADM classifier (Table 12 shrunk for 28x28 data:
 # attention pooling, BigGAN down-sampling, AdaGN, weight decay) and no sample grids.
@@ -60,7 +60,7 @@ class ClassifierTrainer(Trainer):
         self.diffusion = ClassifierObjective(self.diffusion)
 
     def network_config(self, o: dict, out_channels: int):
-        from .nn.encoder import EncoderConfig
+        from ..nn.encoder import EncoderConfig
         cfg = unet_config(o, out_channels).to_dict()
         return EncoderConfig.from_dict({**cfg, "out_channels": o["num_classes"], "num_classes": None,
                                         "pool": o.get("pool", "attention")})
@@ -74,7 +74,7 @@ class NoisyClassifier:
     `.alphas_cumprod` (the ᾱ table of the schedule it was trained on)."""
 
     def __init__(self, model: torch.nn.Module, config: dict, path: str = ""):
-        from .denoisers import DiscreteDenoiser
+        from ..denoisers import DiscreteDenoiser
         self.model, self.config, self.path = model, config, path
         self.num_classes = int(config["model"]["out_channels"])
         self.alphas_cumprod = make_diffusion(**config["diffusion"]).alphas_cumprod

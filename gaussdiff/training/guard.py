@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 class TrainingDiverged(UsageError):

@@ -16,22 +16,22 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range
-from .diffusion.process import make_diffusion
-from .errors import UsageError
-from .data.augment import AUGMENT_DIM, AugmentPipe
-from .amp import Autocast, make_scaler, resolve_precision
+from ..data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range
+from ..diffusion.process import make_diffusion
+from ..errors import UsageError
+from ..data.augment import AUGMENT_DIM, AugmentPipe
+from .precision import Autocast, make_scaler, resolve_precision
 from .checkpoint import (check_finite, holds_run, refresh_top_level, select_checkpoint, trim_log,
                          write_checkpoint)
 from .guard import BadStepGuard, all_finite
-from .validate import check_train_options
-from .distributed import DistInfo, all_gather_cat, barrier, current, rank_seed, shard
-from .modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, atomic_write_json,
-                       build_model, default_device, ema_name, load_state_into, load_tensors,
-                       make_config, read_config, save_tensors)
-from .nn.unet import UNetConfig
-from .diffusion.precond import make_loss, make_precond, objective_sections
-from .diffusion.timesteps import make_schedule_sampler
+from ..validate import check_train_options
+from ..distributed import DistInfo, all_gather_cat, barrier, current, rank_seed, shard
+from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, atomic_write_json,
+                        build_model, default_device, ema_name, load_state_into, load_tensors,
+                        make_config, read_config, save_tensors)
+from ..nn.unet import UNetConfig
+from ..diffusion.precond import make_loss, make_precond, objective_sections
+from ..diffusion.timesteps import make_schedule_sampler
 
 # Defaults where neither a preset nor a flag says otherwise (DDPM/Improved DDPM values where
 # the papers give one; a small network so that a bare `gaussdiff train` runs on a CPU).
@@ -51,14 +51,14 @@ DEFAULTS = dict(
     # conditioning (gaussdiff.guidance): label dropout for classifier-free guidance, and the
     # upsampling stage of a cascade
     label_dropout=0.0, task="generate", low_res=None,
-    # performance and memory (gaussdiff.amp, gaussdiff.distributed); none changes the result
+    # performance and memory (precision.py, gaussdiff.distributed); none changes the result
     # beyond float rounding, and with these defaults a step is the plain fp32 one
     precision="fp32", force_precision=False, microbatch=0, grad_checkpoint=False,
     channels_last=False, compile=False,
-    # crash safety (gaussdiff.checkpoint, gaussdiff.guard): checkpoint directories kept (0: all),
+    # crash safety (checkpoint.py, guard.py): checkpoint directories kept (0: all),
     # consecutive non-finite steps (skipped) before training stops (0: never)
     keep=3, max_bad_steps=20,
-    # sample quality during training (gaussdiff.train_eval): every N steps (0: off), M samples;
+    # sample quality during training (evaluation.py): every N steps (0: off), M samples;
     # sampler None: heun:18 (σ-space) or ddim:50; metric None: fd with a feature net, else fid
     eval_every=0, eval_samples=256, eval_sampler=None, eval_metric=None, eval_feature_net=None)
 
@@ -219,7 +219,7 @@ class Trainer:
         if not 0 <= o.get("augment", 0) <= 1:
             raise UsageError(f"--augment is a probability in [0, 1], got {o['augment']}")
         self.augment_pipe = AugmentPipe(o["augment"]) if o.get("augment") else None
-        from .train_eval import TrainingEval   # checks the --eval-* options before any write
+        from .evaluation import TrainingEval   # checks the --eval-* options before any write
         self.evaluator = TrainingEval(o, self.diffusion.num_timesteps, sigma_space, self.device,
                                       self.dist.world_size)
         # σ-space objectives ignore the diffusion options: F_θ has no variance output
@@ -455,7 +455,7 @@ class Trainer:
     def ema_pipeline(self):
         """A Pipeline of a copy of the network with the first EMA weights (σ-space: with its
         denoiser), leaving the training network and RNG streams untouched."""
-        from .modeldir import Pipeline
+        from ..modeldir import Pipeline
         with torch.random.fork_rng(devices=[]):   # keep the training RNG stream untouched
             ema_model = self.build_network().to(self.device)
         ema_model.load_state_dict(self.ema.shadows[self.ema_rates[0]])
@@ -463,7 +463,7 @@ class Trainer:
         return Pipeline(ema_model, self.diffusion, self.config, self.out_dir, denoiser)
 
     def write_samples(self):
-        from .images import save_grid
+        from ..images import save_grid
         pipe = self.ema_pipeline()
         low_res = None   # upsampler: the first training images, downsampled
         if self.o.get("task") == "upsample":
@@ -480,10 +480,10 @@ class Trainer:
     def sample_sigma_space(self, denoiser, low_res=None):
         """Sample grid of a σ-space model: EDM's Heun sampler, --sample-steps steps on EDM's
         ρ = 7 levels within the range the network was trained for; image i from seed i."""
-        from .data import to_uint8
-        from .rng import per_sample_generators
-        from .samplers import heun
-        from .diffusion.schedules import karras_sigmas
+        from ..data import to_uint8
+        from ..rng import per_sample_generators
+        from ..samplers import heun
+        from ..diffusion.schedules import karras_sigmas
         n, o = self.o["sample_num"], self.o
         sigmas = karras_sigmas(o["sample_steps"], max(0.002, denoiser.sigma_min),
                                min(80.0, denoiser.sigma_max))

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

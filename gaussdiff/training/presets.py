@@ -10,7 +10,7 @@ Keys are `gaussdiff train` option names (dest form). The papers' values:
   lr 1e-4, batch 2048, class-conditional).
 - fashion-small: the bundled Fashion-MNIST model, sized for a 2-core CPU.
 """
-from .errors import UsageError
+from ..errors import UsageError
 
 PRESETS = {
     "fashion-small": dict(
