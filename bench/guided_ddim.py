@@ -17,7 +17,7 @@ import torch
 
 import gaussdiff
 from gaussdiff.training.classifier import load_classifier
-from gaussdiff.guidance import Guidance
+from gaussdiff.sampling.guidance import Guidance
 from gaussdiff.images import save_grid
 
 

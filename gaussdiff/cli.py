@@ -184,7 +184,7 @@ def add_sample_parser(sub):
     p = sub.add_parser("sample", help="draw images from a model directory")
     a = p.add_argument
     a("model", nargs="?", help="model or run directory (config.json + *.safetensors)")
-    from .ensemble import ENSEMBLE_HELP
+    from .sampling.ensemble import ENSEMBLE_HELP
     a("--ensemble", metavar="MODEL_A:MODEL_B:K", help=ENSEMBLE_HELP)
     a("--cascade", nargs=2, metavar=("BASE_DIR", "UPSAMPLER_DIR"),
       help="instead of MODEL: sample the base model, then refine its images with the upsampler "
@@ -193,7 +193,7 @@ def add_sample_parser(sub):
     a("--num", "--num-samples", dest="num", type=int, default=64,
       help="number of images (64); under torchrun write --num-samples (torchrun itself takes "
            "--num as an abbreviation of its --numa-binding)")
-    from .samplers import sampler_help
+    from .sampling.samplers import sampler_help
     a("--sampler", default="ddim", help=f"{sampler_help()} (default ddim)")
     a("--steps", default="50", help="ddpm, ddim: respacing: 250, ddim50, or per-section counts like "
                                     "10,15,20; σ-space samplers: the number of steps N (50)")
@@ -254,7 +254,7 @@ def _batch_size(text: str):
 
 def cmd_sample(args):
     from .distributed import cleanup, setup
-    from .samplers import get_spec
+    from .sampling.samplers import get_spec
     if args.num < 1 or (args.batch_size != "auto" and args.batch_size < 1) or args.shard_size < 1:
         raise UsageError("--num, --batch-size and --shard-size must be positive")
     get_spec(args.sampler)
@@ -288,7 +288,7 @@ def _sample(args, dist, device):
         if dist.enabled:
             raise UsageError("--cascade runs in one process (not under torchrun)")
         return sample_cascade(args, device, guidance)
-    from .ensemble import load_model_or_ensemble
+    from .sampling.ensemble import load_model_or_ensemble
     pipe = load_model_or_ensemble(args.model, args.ensemble, device=device,
                                   ema=None if args.ema == "raw" else args.ema)
     if args.channels_last:
@@ -326,7 +326,7 @@ def _sample(args, dist, device):
                            precision=precision, var_type=args.var_type)
     sharded = bool(args.out) and not dist.enabled and args.num > args.shard_size
     if sharded:
-        from .sharded import sample_in_shards
+        from .sampling.sharded import sample_in_shards
         images, y = sample_in_shards(args, draw, stats)
     else:
         images, y = draw(part.start, part.stop, not args.no_progress and dist.is_main)
@@ -346,7 +346,7 @@ def _sample(args, dist, device):
     if args.out:
         print(f"wrote {save_npz(args.out, images, y)} ({len(images)} images)")
         if sharded:
-            from .sharded import finish
+            from .sampling.sharded import finish
             finish(args)
 
 

@@ -104,7 +104,7 @@ def add_nll_parser(sub):
     a = p.add_argument
     a("model", nargs="?", help="model or run directory (config.json + *.safetensors); omit it "
                                "with --ensemble")
-    from .ensemble import ENSEMBLE_HELP
+    from .sampling.ensemble import ENSEMBLE_HELP
     a("--ensemble", metavar="MODEL_A:MODEL_B:K", help=ENSEMBLE_HELP)
     a("--data", default="fashion-mnist", help="dataset: fashion-mnist[:DIR], an .npz, an image folder")
     a("--split", default="test", choices=("train", "test"), help="split of a named dataset (test)")
@@ -167,7 +167,7 @@ def _nll_ode_options(args) -> dict:
 
 def cmd_nll(args):
     from .data import load_dataset
-    from .ensemble import load_model_or_ensemble
+    from .sampling.ensemble import load_model_or_ensemble
     from .metrics.likelihood import evaluate_nll
     _check_out(args.out)
     ode = _nll_ode_options(args)

@@ -1,6 +1,6 @@
-"""The command line of gaussdiff.training.classifier, gaussdiff.guidance and gaussdiff.tools:
-`gaussdiff train-classifier`, `invert`, `interpolate`, `inpaint`, and the guidance and
-cascade options of `gaussdiff sample`."""
+"""The command line of gaussdiff.training.classifier, gaussdiff.sampling.guidance and
+gaussdiff.sampling.editing: `gaussdiff train-classifier`, `invert`, `interpolate`, `inpaint`,
+and the guidance and cascade options of `gaussdiff sample`."""
 from __future__ import annotations
 
 import os
@@ -24,7 +24,7 @@ def _parse_ints(text, what):
 
 # ------------------------------------------------------------------------------- guidance
 def add_guidance_arguments(p):
-    from .guidance import GRAD_AT, TEMPERATURE_MODES
+    from .sampling.guidance import GRAD_AT, TEMPERATURE_MODES
     g = p.add_argument_group("guidance (ADM appendices D and I; classifier-free guidance)")
     g.add_argument("--classifier", metavar="DIR",
                    help="classifier guidance with this noisy classifier (gaussdiff train-classifier): "
@@ -50,8 +50,8 @@ def add_guidance_arguments(p):
 
 
 def guidance_from_args(args, device):
-    """A gaussdiff.guidance.Guidance from the options of add_guidance_arguments, or None."""
-    from .guidance import Guidance
+    """A gaussdiff.sampling.guidance.Guidance from the options of add_guidance_arguments, or None."""
+    from .sampling.guidance import Guidance
     from .training.trainer import parse_floats
     if args.classifier is None and (args.classifier_scale is not None or args.classifier_grad_at
                                     or args.classifier_clip):
@@ -84,7 +84,7 @@ def sample_cascade(args, device, guidance):
     --grid, plus the base model's images as <grid>.low.png."""
     import gaussdiff
     from .images import save_grid, save_npz
-    from .tools import cascade
+    from .sampling.editing import cascade
     ema = None if args.ema == "raw" else args.ema
     base, up = (gaussdiff.load(d, device=device, ema=ema) for d in args.cascade)
     labels = None
@@ -173,7 +173,7 @@ def _steps(text):
 
 def add_tools_parsers(sub):
     """train-classifier (after train, whose options it shares), invert, interpolate, inpaint."""
-    from .samplers import SAMPLERS
+    from .sampling.samplers import SAMPLERS
     add_train_classifier_parser(sub)
     p = sub.add_parser("invert", help="DDIM inversion of images to latents x_T (ADM section H; "
                                       "σ-space models: Euler steps up to σ_max)")
@@ -238,7 +238,7 @@ def _labels_for(pipe, text, n):
 def cmd_invert(args):
     from .images import make_grid, save_png
     from .modeldir import atomic_write_bytes
-    from .tools import invert, reconstruct, reconstruction_error
+    from .sampling.editing import invert, reconstruct, reconstruction_error
     import io
     _check_out_dir(args.out, args.reconstruct)
     pipe = _load(args)
@@ -263,7 +263,7 @@ def cmd_invert(args):
 
 def cmd_interpolate(args):
     from .images import make_grid, save_png
-    from .tools import interpolate
+    from .sampling.editing import interpolate
     _check_out_dir(args.out)
     pipe = _load(args)
     a, b = _read_images(pipe, [args.image_a, args.image_b])
@@ -278,7 +278,7 @@ def cmd_interpolate(args):
 def cmd_inpaint(args):
     from .data import read_image
     from .images import make_grid, save_npz, save_png
-    from .tools import inpaint
+    from .sampling.editing import inpaint
     _check_out_dir(args.out, args.npz)
     if args.num < 1:
         raise UsageError("--num must be positive")

@@ -19,7 +19,7 @@ from .version import __version__
 from .diffusion.process import FIXED_VAR_TYPES, GaussianDiffusion, make_diffusion
 from .errors import UsageError
 from .nn.unet import UNetConfig, UNetModel
-from .samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
+from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
 from .fileio import (atomic_write_bytes, atomic_write_json, check_output_file,  # noqa: F401 (re-export)
                      load_tensors, save_tensors)
 from .validate import DIFFUSION_KEYS, DIFFUSION_OPTIONAL, check_sampling_numbers  # noqa: F401
@@ -165,7 +165,7 @@ class Pipeline:
         table (discrete-time models) or of iDDPM's cosine. rho applies to karras, sigma_min and
         sigma_max to karras and ve.
         """
-        from .denoisers import pipeline_denoiser
+        from .sampling.denoisers import pipeline_denoiser
         from .diffusion.schedules import (SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas,
                                           vp_sigmas)
         if schedule not in SIGMA_SCHEDULES:
@@ -202,7 +202,7 @@ class Pipeline:
 
         sampler: "ddpm" (ancestral) or "ddim" (with eta), the discrete engine, with `steps` a
         respacing of the original T (250, "ddim50", "10,15,20"); or a σ-space sampler of
-        gaussdiff.samplers.SAMPLERS (euler, heun, heun_vp, euler_ancestral, ddim_sigma,
+        gaussdiff.sampling.samplers.SAMPLERS (euler, heun, heun_vp, euler_ancestral, ddim_sigma,
         dpmpp_2m, adaptive) with an integer number of `steps` on the levels of `sigma_schedule`
         (karras, the default, vp, ve or iddpm; with rho, sigma_min, sigma_max: see `sigma_steps`).
         Sampler options, an error where the sampler does not take them: eta (ddim, ddim_sigma,
@@ -214,7 +214,7 @@ class Pipeline:
         clip_denoised: clamp the x0 estimate to [-1, 1], for every sampler.
         stats: a dict that receives "nfe", the network evaluations per image (the most over the
         batches), and "nfe_per_batch".
-        guidance: a gaussdiff.guidance.Guidance (classifier and classifier-free guidance,
+        guidance: a gaussdiff.sampling.guidance.Guidance (classifier and classifier-free guidance,
         temperature). low_res: [num, C, h, w] in [-1, 1], the low-resolution images an
         upsampling model (`task` "upsample") refines, row i for image i.
         precision: "fp32", or "bf16"/"fp16": the network runs under autocast and returns float32
@@ -306,7 +306,7 @@ class Pipeline:
                        quantize, clip_denoised, state_dtype, guidance=None):
         """(run(noise, model_kwargs, generators, stats) -> x, number of steps) of a σ-space sampler."""
         import inspect
-        from .denoisers import ClipDenoised, pipeline_denoiser
+        from .sampling.denoisers import ClipDenoised, pipeline_denoiser
         if sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_NAMES)}")
         fn = SAMPLERS[sampler]

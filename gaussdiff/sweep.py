@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import UsageError
-from .samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
+from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
 
 META_KEY = "gaussdiff_sweep"
 STATE_NAME, CSV_NAME, PLOT_NAME = "sweep.json", "sweep.csv", "sweep.png"

@@ -14,16 +14,16 @@ import pytest
 import torch
 
 import gaussdiff
-from gaussdiff import samplers as S
+from gaussdiff.sampling import samplers as S
 from gaussdiff.training.classifier import ClassifierObjective, ClassifierTrainer, load_classifier
 from gaussdiff.cli import main as cli_main
-from gaussdiff.denoisers import DiscreteDenoiser
+from gaussdiff.sampling.denoisers import DiscreteDenoiser
 from gaussdiff.diffusion import make_diffusion
 from gaussdiff.errors import UsageError
 from gaussdiff.modeldir import Pipeline
-from gaussdiff.guidance import (ClassifierCondFn, ClassifierFree, ClassifierGuidedDenoiser,
-                                EpsTemperature, Guidance, WithoutLabels, classifier_grad, eps_offset,
-                                table_sigma)
+from gaussdiff.sampling.guidance import (ClassifierCondFn, ClassifierFree, ClassifierGuidedDenoiser,
+                                         EpsTemperature, Guidance, WithoutLabels, classifier_grad,
+                                         eps_offset, table_sigma)
 from gaussdiff.nn.encoder import AttentionPool2d, EncoderConfig, EncoderUNetModel
 from gaussdiff.rng import per_sample_generators
 from gaussdiff.training.trainer import DEFAULTS, Trainer
@@ -165,7 +165,7 @@ def test_clip_guided_clamps_the_shifted_x0_and_matches_sigma_space():
     ref = respaced.ddim_sample_loop(F, z.shape, noise=z, model_kwargs=kw, cond_fn=cond_fn,
                                     clip_guided=True)
     D = DiscreteDenoiser(F, full.alphas_cumprod, "eps", quantize=True)
-    from gaussdiff.denoisers import ClipDenoised
+    from gaussdiff.sampling.denoisers import ClipDenoised
     guided = ClipDenoised(ClassifierGuidedDenoiser(ClipDenoised(D), sigma_log_prob, s))
     levels = D.sigmas[respaced.timestep_map].flip(0)
     sigmas = torch.cat([levels, torch.zeros(1, dtype=F64)])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gaussdiff.diffusion import GaussianDiffusion
-from gaussdiff.guidance import ClassifierCondFn
+from gaussdiff.sampling.guidance import ClassifierCondFn
 from gaussdiff.diffusion.schedules import beta_schedule, space_timesteps
 
 gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")   # conftest fails instead in CI

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import gaussdiff
-from gaussdiff import tools
+from gaussdiff.sampling import editing as tools
 from gaussdiff.cli import main as cli_main
 from gaussdiff.data import load_dataset, to_model_range
 from gaussdiff.errors import UsageError

@@ -74,7 +74,7 @@ class NoisyClassifier:
     `.alphas_cumprod` (the ᾱ table of the schedule it was trained on)."""
 
     def __init__(self, model: torch.nn.Module, config: dict, path: str = ""):
-        from ..denoisers import DiscreteDenoiser
+        from ..sampling.denoisers import DiscreteDenoiser
         self.model, self.config, self.path = model, config, path
         self.num_classes = int(config["model"]["out_channels"])
         self.alphas_cumprod = make_diffusion(**config["diffusion"]).alphas_cumprod

@@ -48,8 +48,8 @@ DEFAULTS = dict(
     objective="ddpm", sigma_data=0.5, p_mean=-1.2, p_std=1.2, p2_gamma=0.0, p2_k=1.0,
     min_snr_gamma=0.0, augment=0.0,
     schedule_sampler="uniform",
-    # conditioning (gaussdiff.guidance): label dropout for classifier-free guidance, and the
-    # upsampling stage of a cascade
+    # conditioning (gaussdiff.sampling.guidance): label dropout for classifier-free guidance, and
+    # the upsampling stage of a cascade
     label_dropout=0.0, task="generate", low_res=None,
     # performance and memory (precision.py, gaussdiff.distributed); none changes the result
     # beyond float rounding, and with these defaults a step is the plain fp32 one
@@ -482,7 +482,7 @@ class Trainer:
         ρ = 7 levels within the range the network was trained for; image i from seed i."""
         from ..data import to_uint8
         from ..rng import per_sample_generators
-        from ..samplers import heun
+        from ..sampling.samplers import heun
         from ..diffusion.schedules import karras_sigmas
         n, o = self.o["sample_num"], self.o
         sigmas = karras_sigmas(o["sample_steps"], max(0.002, denoiser.sigma_min),

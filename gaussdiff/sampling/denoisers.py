@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .diffusion.process import MEAN_TYPES, _check_choice
-from .errors import UsageError
+from ..diffusion.process import MEAN_TYPES, _check_choice
+from ..errors import UsageError
 
 
 class DiscreteDenoiser:

@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 
-from .errors import UsageError
-from .images import save_npz
-from .modeldir import atomic_write_bytes
+from ..errors import UsageError
+from ..images import save_npz
+from ..modeldir import atomic_write_bytes
 
 # options that do not change which images are drawn
 _NEUTRAL = {"num", "out", "grid", "no_progress", "batch_size", "device", "func", "command",

@@ -28,9 +28,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .errors import UsageError
-from .rng import Generator, randn_like
-from .diffusion.schedules import VPODE
+from ..errors import UsageError
+from ..rng import Generator, randn_like
+from ..diffusion.schedules import VPODE
 
 __all__ = ["NFECounter", "to_d", "ancestral_step", "euler", "heun", "heun_general",
            "euler_ancestral", "ddim", "dpmpp_2m", "adaptive", "SamplerSpec", "REGISTRY", "SAMPLERS",

@@ -6,7 +6,7 @@ Each piece is a small wrapper, so that every sampler gets it for free:
   (`GaussianDiffusion.condition_mean` for ddpm: the mean becomes μ + s·Σ·∇ log p_φ(y | x_t),
   Algorithm 1; `condition_score` for ddim: ε̂ = ε − s·sqrt(1 − ᾱ_t)·∇ log p_φ(y | x_t),
   Algorithm 2); classifier-free guidance and ε-temperature wrap the network;
-- σ-space samplers (gaussdiff.samplers): every piece wraps the denoiser D(x, σ, **cond).
+- σ-space samplers (gaussdiff.sampling.samplers): every piece wraps the denoiser D(x, σ, **cond).
 
 Classifier guidance in σ-space. A discrete level holds x = x_t/sqrt(ᾱ_t) with
 σ² = (1 − ᾱ_t)/ᾱ_t, and D = x − σ·ε. ADM eq. 60 turns into
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from ..errors import UsageError
 from .samplers import get_spec
-from .validate import check_sampling_numbers
+from ..validate import check_sampling_numbers
 
 TEMPERATURE_MODES = ("noise", "eps")
 GRAD_AT = ("x_t", "mean")

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import to_model_range, to_uint8
-from .errors import UsageError
-from .modeldir import Pipeline, seed_for, task_of
-from .rng import per_sample_generators, randn_like
+from ..data import to_model_range, to_uint8
+from ..errors import UsageError
+from ..modeldir import Pipeline, seed_for, task_of
+from ..rng import per_sample_generators, randn_like
 
 
 def _device(pipe: Pipeline) -> torch.device:
