@@ -21,6 +21,12 @@ MOVED = {   # old path -> new path
     "gaussdiff.presets": "gaussdiff.training.presets",
     "gaussdiff.perf": "gaussdiff.training.batch_size",
     "gaussdiff.classifier": "gaussdiff.training.classifier",
+    "gaussdiff.samplers": "gaussdiff.sampling.samplers",
+    "gaussdiff.denoisers": "gaussdiff.sampling.denoisers",
+    "gaussdiff.guidance": "gaussdiff.sampling.guidance",
+    "gaussdiff.tools": "gaussdiff.sampling.editing",
+    "gaussdiff.ensemble": "gaussdiff.sampling.ensemble",
+    "gaussdiff.sharded": "gaussdiff.sampling.sharded",
 }
 
 
