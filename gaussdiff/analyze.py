@@ -1,7 +1,7 @@
 """The seeds' analyses of a trained model, one function each (`gaussdiff analyze ...`).
 
 Each function takes a loaded Pipeline and returns a JSON-ready dict of numbers, plus (where the
-paper shows images) a uint8 NHWC image grid under "grid"; gaussdiff.cli_analyze writes them.
+paper shows images) a uint8 NHWC image grid under "grid"; gaussdiff.cli.analyze writes them.
 
 - rate_distortion: DDPM Table 4 / Fig. 5, progressive lossy compression on real images.
 - noise_levels: EDM Fig. 1, an image noised at several σ and the model's denoised estimate.

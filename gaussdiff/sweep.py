@@ -311,7 +311,7 @@ def _parse_list(text: str, flag: str) -> list:
 
 def cmd_sweep(args):
     import gaussdiff
-    from .cli_common import _first, _load_images
+    from .cli.common import _first, _load_images
     from .metrics.evaluate import needs_networks, parse_metrics
     from .modeldir import read_config, weights_path
     metrics = parse_metrics(args.metric)

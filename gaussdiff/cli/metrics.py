@@ -1,12 +1,12 @@
-"""Metric subcommands of the `gaussdiff` CLI: eval, nll, train-feature-net, sweep (sweep.py)."""
+"""Metric subcommands of the `gaussdiff` CLI: eval, nll, train-feature-net, sweep (gaussdiff/sweep.py)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 
-from .cli_common import _first, _load_images  # noqa: F401 (used by the commands below)
-from .errors import UsageError
+from .common import _first, _load_images  # noqa: F401 (used by the commands below)
+from ..errors import UsageError
 
 
 def _check_out(path):
@@ -18,14 +18,14 @@ def _write_json(obj, out):
     text = json.dumps(obj, indent=2) + "\n"
     sys.stdout.write(text)
     if out:
-        from .modeldir import atomic_write_bytes
+        from ..modeldir import atomic_write_bytes
         atomic_write_bytes(out, text.encode())
         print(f"wrote {out}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- eval
 def add_eval_parser(sub):
-    from .metrics.evaluate import CACHE_ENV, METRICS
+    from ..metrics.evaluate import CACHE_ENV, METRICS
     p = sub.add_parser(
         "eval", help="sample-quality metrics (FID, sFID, KID, precision/recall, IS/FD of a data classifier)",
         description="Compare generated images with a reference set. fid, sfid and (by default) kid, "
@@ -59,7 +59,7 @@ def add_eval_parser(sub):
 
 def cmd_eval(args):
     """Under torchrun the ranks share the feature extraction; rank 0 writes the JSON."""
-    from .distributed import cleanup, setup
+    from ..distributed import cleanup, setup
     dist, device = setup(args.device)
     try:
         _eval(args, dist, device)
@@ -68,14 +68,14 @@ def cmd_eval(args):
 
 
 def _eval(args, dist, device):
-    from .metrics.evaluate import evaluate, parse_metrics
+    from ..metrics.evaluate import evaluate, parse_metrics
     metrics = parse_metrics(args.metrics)
     _check_out(args.out)
     if args.batch_size < 1 or args.kid_subsets < 1 or args.kid_subset_size < 2 or args.is_splits < 1:
         raise UsageError("--batch-size, --kid-subsets and --is-splits must be positive, --kid-subset-size >= 2")
     net = None
     if args.feature_net:
-        from .metrics.classifier import load_feature_net
+        from ..metrics.classifier import load_feature_net
         net = load_feature_net(args.feature_net, device)
         net.path = os.path.abspath(args.feature_net)
     samples = _first(_load_images(args.samples, "train"), args.num, args.samples, "--num")
@@ -104,7 +104,7 @@ def add_nll_parser(sub):
     a = p.add_argument
     a("model", nargs="?", help="model or run directory (config.json + *.safetensors); omit it "
                                "with --ensemble")
-    from .sampling.ensemble import ENSEMBLE_HELP
+    from ..sampling.ensemble import ENSEMBLE_HELP
     a("--ensemble", metavar="MODEL_A:MODEL_B:K", help=ENSEMBLE_HELP)
     a("--data", default="fashion-mnist", help="dataset: fashion-mnist[:DIR], an .npz, an image folder")
     a("--split", default="test", choices=("train", "test"), help="split of a named dataset (test)")
@@ -166,9 +166,9 @@ def _nll_ode_options(args) -> dict:
 
 
 def cmd_nll(args):
-    from .data import load_dataset
-    from .sampling.ensemble import load_model_or_ensemble
-    from .metrics.likelihood import evaluate_nll
+    from ..data import load_dataset
+    from ..sampling.ensemble import load_model_or_ensemble
+    from ..metrics.likelihood import evaluate_nll
     _check_out(args.out)
     ode = _nll_ode_options(args)
     pipe = load_model_or_ensemble(args.model, args.ensemble, device=args.device,
@@ -179,7 +179,7 @@ def cmd_nll(args):
     images = _first(data.images, args.num, args.data, "--num")
     labels = None if data.labels is None else data.labels[:len(images)]
     if args.ode:
-        from .metrics.ode_likelihood import evaluate_ode_nll
+        from ..metrics.ode_likelihood import evaluate_ode_nll
         result = evaluate_ode_nll(pipe, images, labels, batch_size=args.batch_size, seed=args.seed,
                                   progress=not args.no_progress, **ode)
     else:
@@ -194,7 +194,7 @@ def cmd_nll(args):
     result = {**which, "data": args.data, "split": args.split, "seed": args.seed,
               "steps": args.steps, "method": "ode" if args.ode else "vlb", **result}
     if args.out:   # the whole record (per step, per image) to the file; a summary to stdout
-        from .modeldir import atomic_write_bytes
+        from ..modeldir import atomic_write_bytes
         atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     summary = {k: v for k, v in result.items() if k not in ("per_step", "per_image")}
     if isinstance(summary.get("nfe"), dict):
@@ -229,8 +229,8 @@ def add_train_feature_net_parser(sub):
 
 
 def cmd_train_feature_net(args):
-    from .data import load_dataset
-    from .metrics.classifier import accuracy, save_feature_net, train_feature_classifier
+    from ..data import load_dataset
+    from ..metrics.classifier import accuracy, save_feature_net, train_feature_classifier
     data = load_dataset(args.data, "train", class_cond=True)
     named = args.data.startswith("fashion-mnist") or (
         os.path.isdir(args.data) and any("idx3-ubyte" in f for f in os.listdir(args.data)))
@@ -250,5 +250,5 @@ def add_metrics_parsers(sub):
     add_eval_parser(sub)
     add_nll_parser(sub)
     add_train_feature_net_parser(sub)
-    from .sweep import add_sweep_parser   # metric against NFE, per sampler
+    from ..sweep import add_sweep_parser   # metric against NFE, per sampler
     add_sweep_parser(sub)

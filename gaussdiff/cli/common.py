@@ -1,11 +1,11 @@
-"""Argument helpers shared by the command modules (cli, cli_tools, cli_metrics, sweep, ...):
+"""Argument helpers shared by the command modules (cli, cli.tools, cli.metrics, sweep, ...):
 parsing and reading what several commands take alike."""
 from __future__ import annotations
 
 import argparse
 
-from .data import load_dataset
-from .errors import UsageError
+from ..data import load_dataset
+from ..errors import UsageError
 
 
 def _bool(text: str) -> bool:
