@@ -1,7 +1,7 @@
 """The package layout of issue 14: every module that moved into a sub-package keeps its old
 import path, as an alias of the new module (the same module object, so private names and
 monkeypatching carry over); gaussdiff.diffusion, now a package, re-exports the former module's
-public names."""
+public names, and gaussdiff.cli, now a package, keeps the command line's entry points."""
 import importlib
 import subprocess
 import sys
@@ -27,6 +27,11 @@ MOVED = {   # old path -> new path
     "gaussdiff.tools": "gaussdiff.sampling.editing",
     "gaussdiff.ensemble": "gaussdiff.sampling.ensemble",
     "gaussdiff.sharded": "gaussdiff.sampling.sharded",
+    "gaussdiff.cli_metrics": "gaussdiff.cli.metrics",
+    "gaussdiff.cli_tools": "gaussdiff.cli.tools",
+    "gaussdiff.cli_interop": "gaussdiff.cli.interop",
+    "gaussdiff.cli_analyze": "gaussdiff.cli.analyze",
+    "gaussdiff.cli_common": "gaussdiff.cli.common",
 }
 
 
@@ -70,3 +75,19 @@ def test_monkeypatching_an_old_path_reaches_the_new_module(monkeypatch):
     marker = object()
     monkeypatch.setattr("gaussdiff.train.write_checkpoint", marker)
     assert trainer.write_checkpoint is marker and old.write_checkpoint is marker
+
+
+def test_cli_entry_points():
+    """pyproject's console script (gaussdiff.cli:main) and `python -m gaussdiff` reach the
+    command line, and every subcommand, from the package and from the moved modules, is there."""
+    import pathlib
+    from gaussdiff.cli import build_parser
+    pyproject = pathlib.Path(__file__).parent.parent / "pyproject.toml"
+    assert 'gaussdiff = "gaussdiff.cli:main"' in pyproject.read_text()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"train", "sample", "export", "plot", "eval", "nll", "train-feature-net", "sweep",
+            "train-classifier", "invert", "interpolate", "inpaint", "convert-openai", "dataset",
+            "export-torchscript", "analyze"} <= set(sub.choices)
+    out = subprocess.run([sys.executable, "-m", "gaussdiff", "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith("gaussdiff ")
