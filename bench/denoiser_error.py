@@ -21,7 +21,7 @@ import torch
 
 import gaussdiff
 from gaussdiff.data import load_dataset, to_model_range
-from gaussdiff.denoisers import pipeline_denoiser
+from gaussdiff.sampling.denoisers import pipeline_denoiser
 
 SIGMAS = (80, 40, 20, 10, 5, 2, 1, 0.5, 0.2, 0.05)
 

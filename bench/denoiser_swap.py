@@ -14,10 +14,10 @@ import sys
 import torch
 
 import gaussdiff
-from gaussdiff.denoisers import ClipDenoised, pipeline_denoiser
+from gaussdiff.sampling.denoisers import ClipDenoised, pipeline_denoiser
 from gaussdiff.modeldir import seed_for
 from gaussdiff.rng import per_sample_generators
-from gaussdiff.samplers import heun
+from gaussdiff.sampling.samplers import heun
 
 
 def unconditional(pipe):

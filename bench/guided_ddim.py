@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 import gaussdiff
-from gaussdiff.classifier import load_classifier
-from gaussdiff.guidance import Guidance
+from gaussdiff.training.classifier import load_classifier
+from gaussdiff.sampling.guidance import Guidance
 from gaussdiff.images import save_grid
 
 

@@ -19,8 +19,8 @@ import time
 import torch
 
 from gaussdiff.nn.unet import UNetModel
-from gaussdiff.presets import get_preset
-from gaussdiff.train import EMA, make_adamw, unet_config
+from gaussdiff.training.presets import get_preset
+from gaussdiff.training.trainer import EMA, make_adamw, unet_config
 
 
 def network(preset: str) -> torch.nn.Module:

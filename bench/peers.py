@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from gaussdiff.amp import autocast, native_bf16
+from gaussdiff.training.precision import autocast, native_bf16
 from gaussdiff.nn.unet import UNetModel
-from gaussdiff.presets import get_preset
-from gaussdiff.train import make_adamw, unet_config
+from gaussdiff.training.presets import get_preset
+from gaussdiff.training.trainer import make_adamw, unet_config
 
 
 def gaussdiff_unet(preset):

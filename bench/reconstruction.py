@@ -1,5 +1,6 @@
 """Invert-then-reconstruct error on real test images (ADM section H): each image is inverted to
-a latent (gaussdiff.tools.invert) and decoded again (tools.reconstruct). Prints JSON.
+a latent (gaussdiff.sampling.editing.invert) and decoded again (editing.reconstruct). Prints
+JSON.
 
     .venv/bin/python bench/reconstruction.py --model models/fashion-small [--num 100]
                                              [--steps 50,100] [--batch-size 64] [--device cpu]
@@ -23,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import gaussdiff  # noqa: E402
-from gaussdiff import tools  # noqa: E402
+from gaussdiff.sampling import editing as tools  # noqa: E402
 from gaussdiff.data import load_dataset  # noqa: E402
 
 

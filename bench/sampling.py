@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gaussdiff  # noqa: E402
 from gaussdiff.modeldir import Pipeline, make_config  # noqa: E402
 from gaussdiff.nn.unet import UNetModel  # noqa: E402
-from gaussdiff.perf import autotune_batch_size, forward_seconds  # noqa: E402
+from gaussdiff.training.batch_size import autotune_batch_size, forward_seconds  # noqa: E402
 
 SAMPLERS = ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "euler_ancestral")
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "fashion-small")
@@ -36,8 +36,8 @@ def random_pipeline(config_name):
     """A Pipeline with random weights for a throughput.py configuration (no training needed)."""
     from throughput import CONFIGS
     from gaussdiff.diffusion import make_diffusion
-    from gaussdiff.presets import get_preset
-    from gaussdiff.train import DEFAULTS, diffusion_config, unet_config
+    from gaussdiff.training.presets import get_preset
+    from gaussdiff.training.trainer import DEFAULTS, diffusion_config, unet_config
     opts = dict(DEFAULTS, **get_preset(CONFIGS[config_name]))
     dcfg = diffusion_config(opts)
     diffusion = make_diffusion(**dcfg)
@@ -56,7 +56,7 @@ def steps_for(sampler, nfe):
 
 
 def forward_mode_seconds(pipe, batch, mode, repeats):
-    from gaussdiff.perf import _probe_input
+    from gaussdiff.training.batch_size import _probe_input
     x, t, kwargs = _probe_input(pipe, batch, torch.device("cpu"))
     ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
     best = float("inf")

@@ -44,11 +44,11 @@ from torch.utils import flop_counter as fc
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_unet import ReferenceUNet  # noqa: E402
 
-from gaussdiff.amp import Autocast  # noqa: E402
+from gaussdiff.training.precision import Autocast  # noqa: E402
 from gaussdiff.diffusion import make_diffusion  # noqa: E402
 from gaussdiff.nn.unet import UNetModel  # noqa: E402
-from gaussdiff.presets import get_preset  # noqa: E402
-from gaussdiff.train import DEFAULTS, diffusion_config, unet_config  # noqa: E402
+from gaussdiff.training.presets import get_preset  # noqa: E402
+from gaussdiff.training.trainer import DEFAULTS, diffusion_config, unet_config  # noqa: E402
 
 CONFIGS = {"fashion-small": "fashion-small", "iddpm-cifar10": "iddpm-cifar10-hybrid"}
 aten = torch.ops.aten

@@ -1,7 +1,7 @@
 """gaussdiff: Gaussian diffusion image models (DDPM, Improved DDPM, ADM, EDM) in one design space."""
 from .version import __version__  # noqa: F401
 
-from . import schedules  # noqa: F401
+from .diffusion import schedules  # noqa: F401
 from .diffusion import GaussianDiffusion, make_diffusion  # noqa: F401
 from .errors import UsageError  # noqa: F401
 

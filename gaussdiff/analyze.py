@@ -1,7 +1,7 @@
 """The seeds' analyses of a trained model, one function each (`gaussdiff analyze ...`).
 
 Each function takes a loaded Pipeline and returns a JSON-ready dict of numbers, plus (where the
-paper shows images) a uint8 NHWC image grid under "grid"; gaussdiff.cli_analyze writes them.
+paper shows images) a uint8 NHWC image grid under "grid"; gaussdiff.cli.analyze writes them.
 
 - rate_distortion: DDPM Table 4 / Fig. 5, progressive lossy compression on real images.
 - noise_levels: EDM Fig. 1, an image noised at several σ and the model's denoised estimate.
@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import to_model_range, to_uint8
-from .denoisers import pipeline_denoiser
+from .sampling.denoisers import pipeline_denoiser
 from .errors import UsageError
 from .images import make_grid
 from .metrics.likelihood import evaluate_nll
 from .modeldir import Pipeline, seed_for
 from .rng import per_sample_generators, randn_like
-from .tools import _device, _discrete_only, _generator_only, label_kwargs
+from .sampling.editing import _device, _discrete_only, _generator_only, label_kwargs
 
 PIXEL = 127.5   # [-1, 1] -> [0, 255] scale of the RMSE
 
@@ -468,7 +468,7 @@ def guidance_sweep(pipe: Pipeline, scales: Sequence[float], guide: str = "cfg", 
     pixels of the standard deviation across the rows ([0, 255], a diversity measure) and, with
     a classifier, the share of samples it puts in their row's class (at t = 0); the samples
     under "images" [num, scales, H, W, C] and "grid"."""
-    from .guidance import Guidance
+    from .sampling.guidance import Guidance
     if guide not in ("cfg", "classifier"):
         raise UsageError(f"--guide {guide}: cfg or classifier")
     if guide == "classifier" and classifier is None:

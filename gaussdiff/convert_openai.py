@@ -309,7 +309,7 @@ def _channel_mult(args: dict, codebase: str, kind: str, size: int):
 
 def diffusion_section(args: dict) -> dict:
     """gaussdiff's "diffusion" section of create_gaussian_diffusion's arguments."""
-    from .schedules import SCHEDULES, space_timesteps
+    from .diffusion.schedules import SCHEDULES, space_timesteps
     T = args["diffusion_steps"]
     if T < 1:
         raise UsageError(f"--flags: diffusion_steps must be positive, got {T}")

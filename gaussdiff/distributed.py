@@ -8,7 +8,7 @@ them and starts a process group: nccl when the process drives a CUDA device (cud
 gloo on CPUs. Without torchrun (or with one process) nothing here does anything, and a run is
 the plain single-process one.
 
-How a run is split (train.py, cli.py):
+How a run is split (training/trainer.py, cli/__init__.py):
 - Training: --batch-size is the GLOBAL batch B. Every rank draws the same global batch from
   the same permutation, and the same flips, timesteps and noise for all B rows from the same
   generator, then keeps its own B / W rows (`shard`). A global batch is therefore the same

@@ -70,7 +70,7 @@ def export_torchscript(model_dir: str, out: str, ema="auto") -> str:
     from .modeldir import atomic_write_bytes, read_config
     cfg = read_config(model_dir)
     if cfg.get("kind") == "classifier":
-        from .classifier import load_classifier
+        from .training.classifier import load_classifier
         model = load_classifier(model_dir, device="cpu", ema=ema).model
     else:
         from .modeldir import load

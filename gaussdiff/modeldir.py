@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from .version import __version__
-from .diffusion import FIXED_VAR_TYPES, GaussianDiffusion, make_diffusion
+from .diffusion.process import FIXED_VAR_TYPES, GaussianDiffusion, make_diffusion
 from .errors import UsageError
 from .nn.unet import UNetConfig, UNetModel
-from .samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
+from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
 from .fileio import (atomic_write_bytes, atomic_write_json, check_output_file,  # noqa: F401 (re-export)
                      load_tensors, save_tensors)
 from .validate import DIFFUSION_KEYS, DIFFUSION_OPTIONAL, check_sampling_numbers  # noqa: F401
@@ -119,7 +119,7 @@ class Pipeline:
     """A loaded model: `.model` (the network), `.diffusion` (its full-length GaussianDiffusion)
     and `.config` (config.json). `.sample(...)` draws images. Models trained in σ-space
     (config.json has a "precond" section, `gaussdiff train --objective edm|vp|ve|iddpm`) also
-    have `.denoiser`, the preconditioned network D(x, sigma, **cond) (gaussdiff.precond) that
+    have `.denoiser`, the preconditioned network D(x, sigma, **cond) (gaussdiff.diffusion.precond) that
     σ-space samplers take; their `.diffusion` is unused."""
     model: torch.nn.Module
     diffusion: GaussianDiffusion
@@ -165,9 +165,9 @@ class Pipeline:
         table (discrete-time models) or of iDDPM's cosine. rho applies to karras, sigma_min and
         sigma_max to karras and ve.
         """
-        from .denoisers import pipeline_denoiser
-        from .schedules import (SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas,
-                                vp_sigmas)
+        from .sampling.denoisers import pipeline_denoiser
+        from .diffusion.schedules import (SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas,
+                                          vp_sigmas)
         if schedule not in SIGMA_SCHEDULES:
             raise UsageError(f"unknown σ schedule {schedule!r}: choose one of {', '.join(SIGMA_SCHEDULES)}")
         if rho is not None and schedule != "karras":
@@ -202,7 +202,7 @@ class Pipeline:
 
         sampler: "ddpm" (ancestral) or "ddim" (with eta), the discrete engine, with `steps` a
         respacing of the original T (250, "ddim50", "10,15,20"); or a σ-space sampler of
-        gaussdiff.samplers.SAMPLERS (euler, heun, heun_vp, euler_ancestral, ddim_sigma,
+        gaussdiff.sampling.samplers.SAMPLERS (euler, heun, heun_vp, euler_ancestral, ddim_sigma,
         dpmpp_2m, adaptive) with an integer number of `steps` on the levels of `sigma_schedule`
         (karras, the default, vp, ve or iddpm; with rho, sigma_min, sigma_max: see `sigma_steps`).
         Sampler options, an error where the sampler does not take them: eta (ddim, ddim_sigma,
@@ -214,17 +214,18 @@ class Pipeline:
         clip_denoised: clamp the x0 estimate to [-1, 1], for every sampler.
         stats: a dict that receives "nfe", the network evaluations per image (the most over the
         batches), and "nfe_per_batch".
-        guidance: a gaussdiff.guidance.Guidance (classifier and classifier-free guidance,
+        guidance: a gaussdiff.sampling.guidance.Guidance (classifier and classifier-free guidance,
         temperature). low_res: [num, C, h, w] in [-1, 1], the low-resolution images an
         upsampling model (`task` "upsample") refines, row i for image i.
         precision: "fp32", or "bf16"/"fp16": the network runs under autocast and returns float32
-        (gaussdiff.amp.autocast_forward); the sampler's state and arithmetic keep their dtype.
+        (gaussdiff.training.precision.autocast_forward); the sampler's state and arithmetic keep
+        their dtype.
         var_type: the ddpm sampler's reverse variances instead of the model's own: "fixed_small"
         (β̃_t) or "fixed_large" (β_t); see `respaced`.
         Image i depends only on (seed, start_index + i), never on the batch size.
         """
         from tqdm.auto import tqdm
-        from .amp import autocast_forward
+        from .training.precision import autocast_forward
         from .data import to_uint8
         from .rng import per_sample_generators
         options = dict(eta=eta, churn=churn, tmin=tmin, tmax=tmax, snoise=snoise, rtol=rtol, atol=atol)
@@ -305,7 +306,7 @@ class Pipeline:
                        quantize, clip_denoised, state_dtype, guidance=None):
         """(run(noise, model_kwargs, generators, stats) -> x, number of steps) of a σ-space sampler."""
         import inspect
-        from .denoisers import ClipDenoised, pipeline_denoiser
+        from .sampling.denoisers import ClipDenoised, pipeline_denoiser
         if sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_NAMES)}")
         fn = SAMPLERS[sampler]
@@ -362,12 +363,13 @@ def load(path: str, device=None, ema: Optional[str] = "auto") -> Pipeline:
     cfg = read_config(path)
     if cfg.get("kind") == "classifier":
         raise UsageError(f"{path} holds a noisy classifier (gaussdiff train-classifier), not a "
-                         f"diffusion model: pass it as --classifier (gaussdiff.classifier.load_classifier)")
+                         f"diffusion model: pass it as --classifier "
+                         f"(gaussdiff.training.classifier.load_classifier)")
     model = build_model(cfg)
     load_state_into(model, weights_path(path, cfg, ema))
     model.to(device or default_device()).eval()
     denoiser = None
     if cfg.get("precond"):   # σ-space objective: rebuild D(x; σ) around the network
-        from .precond import make_precond
+        from .diffusion.precond import make_precond
         denoiser = make_precond(cfg["precond"], model).eval()
     return Pipeline(model, make_diffusion(**cfg["diffusion"]), cfg, path, denoiser)

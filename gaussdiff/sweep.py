@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import UsageError
-from .samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
+from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
 
 META_KEY = "gaussdiff_sweep"
 STATE_NAME, CSV_NAME, PLOT_NAME = "sweep.json", "sweep.csv", "sweep.png"
@@ -56,7 +56,7 @@ def measure_nfe_formula(sampler: str) -> Tuple[int, int]:
     """(a, b) with NFE = a·N + b of a σ-space sampler, counted with a stub denoiser at N = 1, 2,
     3 (karras levels); a UsageError if the count does not grow linearly with N."""
     import torch
-    from .schedules import karras_sigmas
+    from .diffusion.schedules import karras_sigmas
     counts = []
     for n in (1, 2, 3):
         stats: dict = {}
@@ -311,7 +311,7 @@ def _parse_list(text: str, flag: str) -> list:
 
 def cmd_sweep(args):
     import gaussdiff
-    from .cli_common import _first, _load_images
+    from .cli.common import _first, _load_images
     from .metrics.evaluate import needs_networks, parse_metrics
     from .modeldir import read_config, weights_path
     metrics = parse_metrics(args.metric)

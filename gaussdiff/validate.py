@@ -46,8 +46,8 @@ def check_model_section(section, where: str, classifier: bool = False):
 
 def check_diffusion_section(section, where: str):
     """Types and choices of the "diffusion" section, then a trial make_diffusion."""
-    from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, make_diffusion
-    from .schedules import SCHEDULES
+    from .diffusion.process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, make_diffusion
+    from .diffusion.schedules import SCHEDULES
     unknown = sorted(set(section) - set(DIFFUSION_KEYS))
     if unknown:
         raise UsageError(f"{where}: \"diffusion\" section: unknown keys {', '.join(map(str, unknown))}")
@@ -97,7 +97,7 @@ def check_data_section(section, model_section: dict, where: str):
 
 def check_precond_section(section, where: str):
     import torch.nn as nn
-    from .precond import make_precond
+    from .diffusion.precond import make_precond
     if not isinstance(section, dict):
         raise UsageError(f"{where}: \"precond\" section must be an object")
     for key, value in section.items():

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 import gaussdiff
-from gaussdiff.classifier import load_classifier
-from gaussdiff.guidance import Guidance
+from gaussdiff.training.classifier import load_classifier
+from gaussdiff.sampling.guidance import Guidance
 from gaussdiff.images import make_grid, save_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ def guided_cfg(out):
 
 def cascade(out):
     """14x14 base model, then the 14 -> 28 upsampler, with the same labels."""
-    from gaussdiff.tools import cascade as run
+    from gaussdiff.sampling.editing import cascade as run
     base = gaussdiff.load(os.path.join(MODELS, "fashion-base14"))
     up = gaussdiff.load(os.path.join(MODELS, "fashion-up28"))
     labels = np.repeat(np.arange(CLASSES), PER_CLASS).tolist()

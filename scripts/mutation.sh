@@ -20,7 +20,7 @@ git -C "$here" worktree add -f --detach "$work/tree" "$commit" >/dev/null
 mkdir -p "$out"
 trap 'cp "$work/run.log" "$out/mutation-$sha-run.log" 2>/dev/null || true; git -C "$here" worktree remove --force "$work/tree"; rm -rf "$work"' EXIT
 cd "$work/tree"
-modules="gaussdiff/diffusion.py gaussdiff/samplers.py gaussdiff/precond.py gaussdiff/guidance.py gaussdiff/metrics/frechet.py"
+modules="gaussdiff/diffusion/process.py gaussdiff/sampling/samplers.py gaussdiff/diffusion/precond.py gaussdiff/sampling/guidance.py gaussdiff/metrics/frechet.py"
 tests=""
 for t in test_diffusion test_samplers test_objectives test_guidance test_metrics test_schedules \
          test_ode_likelihood test_guided_diffusion_parity test_hardening; do

@@ -77,7 +77,7 @@ CASES = {
 def load_any(path):
     cfg = json.loads(open(os.path.join(path, "config.json")).read())
     if cfg.get("kind") == "classifier":
-        from gaussdiff.classifier import load_classifier
+        from gaussdiff.training.classifier import load_classifier
         return load_classifier(path, device="cpu").model, cfg
     return gaussdiff.load(path, device="cpu").model, cfg
 
@@ -342,7 +342,7 @@ def test_dataset_command_writes_edm_layout(tmp_path, capsys):
 
 def test_training_reads_an_edm_zip(tmp_path):
     """A class-conditional training run reads an EDM zip with dataset.json labels."""
-    from gaussdiff.train import DEFAULTS, Trainer
+    from gaussdiff.training.trainer import DEFAULTS, Trainer
     rng = np.random.default_rng(1)
     with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:
         for i in range(6):

@@ -13,8 +13,8 @@ from torch.distributions import Normal, kl_divergence
 
 from gaussdiff import GaussianDiffusion, make_diffusion
 from gaussdiff.errors import UsageError
-from gaussdiff.losses import discretized_gaussian_log_likelihood, normal_kl
-from gaussdiff.schedules import beta_schedule, space_timesteps
+from gaussdiff.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
+from gaussdiff.diffusion.schedules import beta_schedule, space_timesteps
 
 F64 = torch.float64
 LN2 = math.log(2.0)

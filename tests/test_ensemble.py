@@ -1,5 +1,5 @@
-"""Ensembles by timestep range (gaussdiff.ensemble, `--ensemble MODEL_A:MODEL_B:K`): per-row
-dispatch, identity with the single model, and the user errors."""
+"""Ensembles by timestep range (gaussdiff.sampling.ensemble, `--ensemble MODEL_A:MODEL_B:K`):
+per-row dispatch, identity with the single model, and the user errors."""
 import json
 
 import numpy as np
@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import gaussdiff
 from gaussdiff.cli import main
-from gaussdiff.ensemble import TimestepEnsemble, load_ensemble, parse_ensemble_spec
+from gaussdiff.sampling.ensemble import TimestepEnsemble, load_ensemble, parse_ensemble_spec
 from gaussdiff.errors import UsageError
 from gaussdiff.modeldir import CONFIG_NAME, atomic_write_json, read_config
 

@@ -14,19 +14,19 @@ import pytest
 import torch
 
 import gaussdiff
-from gaussdiff import samplers as S
-from gaussdiff.classifier import ClassifierObjective, ClassifierTrainer, load_classifier
+from gaussdiff.sampling import samplers as S
+from gaussdiff.training.classifier import ClassifierObjective, ClassifierTrainer, load_classifier
 from gaussdiff.cli import main as cli_main
-from gaussdiff.denoisers import DiscreteDenoiser
+from gaussdiff.sampling.denoisers import DiscreteDenoiser
 from gaussdiff.diffusion import make_diffusion
 from gaussdiff.errors import UsageError
 from gaussdiff.modeldir import Pipeline
-from gaussdiff.guidance import (ClassifierCondFn, ClassifierFree, ClassifierGuidedDenoiser,
-                                EpsTemperature, Guidance, WithoutLabels, classifier_grad, eps_offset,
-                                table_sigma)
+from gaussdiff.sampling.guidance import (ClassifierCondFn, ClassifierFree, ClassifierGuidedDenoiser,
+                                         EpsTemperature, Guidance, WithoutLabels, classifier_grad,
+                                         eps_offset, table_sigma)
 from gaussdiff.nn.encoder import AttentionPool2d, EncoderConfig, EncoderUNetModel
 from gaussdiff.rng import per_sample_generators
-from gaussdiff.train import DEFAULTS, Trainer
+from gaussdiff.training.trainer import DEFAULTS, Trainer
 from guided_models import NUM_CLASSES, make_classifier_dir, make_model_dir
 
 F64 = torch.float64
@@ -165,7 +165,7 @@ def test_clip_guided_clamps_the_shifted_x0_and_matches_sigma_space():
     ref = respaced.ddim_sample_loop(F, z.shape, noise=z, model_kwargs=kw, cond_fn=cond_fn,
                                     clip_guided=True)
     D = DiscreteDenoiser(F, full.alphas_cumprod, "eps", quantize=True)
-    from gaussdiff.denoisers import ClipDenoised
+    from gaussdiff.sampling.denoisers import ClipDenoised
     guided = ClipDenoised(ClassifierGuidedDenoiser(ClipDenoised(D), sigma_log_prob, s))
     levels = D.sigmas[respaced.timestep_map].flip(0)
     sigmas = torch.cat([levels, torch.zeros(1, dtype=F64)])
@@ -434,7 +434,7 @@ def test_cli_train_classifier_and_guided_sampling(dirs, tmp_path, capsys):
     assert "acc_q0" in open(f"{cls}/log.jsonl").read()
     # export copies the classifier's config and its EMA weights into a bundled directory
     assert cli_main(["export", cls, str(tmp_path / "cls-ema"), "--ema", "0.999"]) == 0
-    from gaussdiff.classifier import load_classifier
+    from gaussdiff.training.classifier import load_classifier
     a, b = load_classifier(cls, device="cpu", ema="0.999"), load_classifier(str(tmp_path / "cls-ema"), device="cpu")
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
     base = ["sample", dirs["cond"], "--num", "2", "--steps", "3", "--out", out, "--device", "cpu",

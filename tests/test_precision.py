@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gaussdiff import amp
-from gaussdiff.amp import DynamicLossScaler, make_scaler, resolve_precision
-from gaussdiff.train import DEFAULTS, Trainer
+from gaussdiff.training import precision as amp
+from gaussdiff.training.precision import DynamicLossScaler, make_scaler, resolve_precision
+from gaussdiff.training.trainer import DEFAULTS, Trainer
 
 
 # ------------------------------------------------------------------------ loss scaler

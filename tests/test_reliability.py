@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gaussdiff
-from gaussdiff import checkpoint as ckpt
+from gaussdiff.training import checkpoint as ckpt
 from gaussdiff.cli import main
 from gaussdiff.data import load_dataset, load_image_folder, load_npz, read_idx, read_image
 from gaussdiff.errors import UsageError
@@ -158,7 +158,7 @@ def test_corrupt_checkpoints_are_named_and_skipped(workdir, reference):
 
 
 def _opts(data, **kw):
-    from gaussdiff.train import DEFAULTS
+    from gaussdiff.training.trainer import DEFAULTS
     o = dict(DEFAULTS)
     o.update(data=str(data), model_channels=32, channel_mult="1", num_res_blocks=1,
              attention_resolutions="0", diffusion_steps=50, batch_size=8,
@@ -169,7 +169,7 @@ def _opts(data, **kw):
 
 
 def _trainer(data, out, **kw):
-    from gaussdiff.train import Trainer
+    from gaussdiff.training.trainer import Trainer
     return Trainer(_opts(data, **kw), str(out), device="cpu", progress=False)
 
 
@@ -283,7 +283,7 @@ def test_write_failure_leaves_previous_checkpoint_intact(workdir, tmp_path, monk
     assert {f: (run / f).read_bytes() for f in top} == top
     monkeypatch.undo()
     tr.save_checkpoint()
-    from gaussdiff.train import Trainer
+    from gaussdiff.training.trainer import Trainer
     resumed = Trainer(_opts(workdir / "data.npz", steps=3), str(run), resume="auto", device="cpu",
                       progress=False)
     assert resumed.step == 3 and _same(_params(resumed), _params(tr))
@@ -300,7 +300,7 @@ def test_cli_disk_full_is_one_line_exit_2(workdir, tmp_path, monkeypatch, capsys
             raise ckpt.CheckpointError(f"cannot write checkpoint step{step:07d}: No space left on "
                                        f"device; step0000002 is intact")
         return real(run_dir, step, files, keep, log)
-    monkeypatch.setattr("gaussdiff.train.write_checkpoint", full_at_third)
+    monkeypatch.setattr("gaussdiff.training.trainer.write_checkpoint", full_at_third)
     code = main(["train", "--data", str(workdir / "data.npz"), "--out", str(tmp_path / "r"),
                  "--steps", "5", *TINY])
     assert code == 2
@@ -324,7 +324,7 @@ def test_resume_of_a_run_without_checkpoint_directories(workdir, tmp_path, capsy
     tr = _trainer(workdir / "data.npz", tmp_path / "old", steps=2)
     tr.run()
     shutil.rmtree(tmp_path / "old" / "checkpoints")
-    from gaussdiff.train import Trainer
+    from gaussdiff.training.trainer import Trainer
     resumed = Trainer(_opts(workdir / "data.npz", steps=3), str(tmp_path / "old"), resume=True,
                       device="cpu", progress=False)
     assert resumed.step == 2
@@ -469,7 +469,7 @@ def test_edm_zip_rejects_unsafe_entries(tmp_path):
 # ----------------------------------------------------------------------------- configs
 @pytest.fixture(scope="module")
 def model_dir(workdir):
-    from gaussdiff.train import Trainer
+    from gaussdiff.training.trainer import Trainer
     Trainer(_opts(workdir / "data.npz", steps=1), str(workdir / "model"), device="cpu",
             progress=False).run()
     return workdir / "model"

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from gaussdiff import samplers as S
+from gaussdiff.sampling import samplers as S
 from gaussdiff.cli import main as cli_main
-from gaussdiff.denoisers import ClipDenoised, DiscreteDenoiser
+from gaussdiff.sampling.denoisers import ClipDenoised, DiscreteDenoiser
 from gaussdiff.diffusion import make_diffusion
 from gaussdiff.errors import UsageError
 from gaussdiff.modeldir import CONFIG_NAME, WEIGHTS_NAME, Pipeline, atomic_write_json, \
     make_config, save_tensors
 from gaussdiff.nn.unet import UNetConfig, UNetModel
 from gaussdiff.rng import per_sample_generators
-from gaussdiff.schedules import (EDMODE, VPODE, beta_schedule, iddpm_sigmas, iddpm_u,
-                                 karras_sigmas, ve_sigmas, vp_sigmas)
+from gaussdiff.diffusion.schedules import (EDMODE, VPODE, beta_schedule, iddpm_sigmas, iddpm_u,
+                                           karras_sigmas, ve_sigmas, vp_sigmas)
 
 F64 = torch.float64
 MU = torch.tensor([0.5, -1.0], dtype=F64)
@@ -548,7 +548,7 @@ def test_registry_entries_agree_with_the_samplers():
     (checked with the option values that switch the noise on and off); the CLI's --sampler help
     and the sweep's --samplers help list the registry, and unknown names are one-line errors."""
     from gaussdiff.errors import UsageError
-    from gaussdiff.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, get_spec
+    from gaussdiff.sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, get_spec
     from gaussdiff.sweep import measure_nfe_formula, nfe_formula
     assert SAMPLER_NAMES == tuple(REGISTRY) and set(SAMPLERS) == {n for n, s in REGISTRY.items() if s.fn}
     for name, spec in REGISTRY.items():

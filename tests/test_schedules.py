@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gaussdiff import UsageError, make_diffusion
-from gaussdiff.schedules import beta_schedule, betas_from_alphas_cumprod, space_timesteps
+from gaussdiff.diffusion.schedules import beta_schedule, betas_from_alphas_cumprod, space_timesteps
 
 
 # ---------------------------------------------------------------------------------------- β tables

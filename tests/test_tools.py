@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import gaussdiff
-from gaussdiff import tools
+from gaussdiff.sampling import editing as tools
 from gaussdiff.cli import main as cli_main
 from gaussdiff.data import load_dataset, to_model_range
 from gaussdiff.errors import UsageError
 from gaussdiff.modeldir import Pipeline, make_config
 from gaussdiff.nn.unet import SuperResModel, UNetConfig
-from gaussdiff.train import DEFAULTS, Trainer
+from gaussdiff.training.trainer import DEFAULTS, Trainer
 from guided_models import NUM_CLASSES, make_model_dir
 
 F64 = torch.float64

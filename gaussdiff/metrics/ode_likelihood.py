@@ -111,7 +111,7 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, sigma_min: float, sigma_max: f
                        prior_logp: Optional[Callable] = None, stats: Optional[dict] = None) -> dict:
     """log p_{σ_min}(x) under the probability-flow ODE of `denoiser` (see the module docstring).
 
-    denoiser: D(x, sigma [B], **model_kwargs) -> clean estimate (denoisers.py).
+    denoiser: D(x, sigma [B], **model_kwargs) -> clean estimate (sampling/denoisers.py).
     x: [B, ...] the points (float64 recommended), taken as samples of p_{σ_min}.
     steps: None for RK45 with rtol/atol (scipy solve_ivp), else Heun with `steps` steps.
     probes: [K, B, ...] Hutchinson probes (draw_probes), fixed over the trajectory; None for
@@ -158,7 +158,7 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, sigma_min: float, sigma_max: f
         y = torch.from_numpy(sol.y[:, -1])
         x_max, delta = y[:-B].to(x).view(shape), y[-B:].to(x.device)
     else:
-        from ..schedules import karras_sigmas
+        from ..diffusion.schedules import karras_sigmas
         levels = np.log(karras_sigmas(steps + 1, sigma_min, sigma_max)[:-1][::-1])  # ascending
         x_max, delta = x.detach(), torch.zeros(B, dtype=torch.float64, device=x.device)
         for s, s_next in zip(levels[:-1], levels[1:]):
@@ -210,7 +210,7 @@ def evaluate_ode_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = No
     and for fixed steps convergence and converged.
     """
     from tqdm.auto import tqdm
-    from ..denoisers import pipeline_denoiser
+    from ..sampling.denoisers import pipeline_denoiser
     from ..modeldir import seed_for
     from ..rng import per_sample_generators
     if batch_size < 1:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UsageError
-from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .rng import Generator, randn, randn_like
+from ..errors import UsageError
+from .gaussian import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from ..rng import Generator, randn, randn_like
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")

@@ -1,25 +1,31 @@
 """The `gaussdiff` command line. Each subcommand is a small function; errors in user input
-become one line on stderr and exit status 2."""
+become one line on stderr and exit status 2.
+
+Here: `main`, `build_parser` and train, sample, export, plot. The other subcommands:
+metrics.py (eval, nll, train-feature-net, sweep), tools.py (train-classifier, invert,
+interpolate, inpaint; guidance and cascade options), interop.py (convert-openai, dataset,
+export-torchscript), analyze.py (analyze); common.py: the shared argument helpers."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from .cli_common import _bool
-from .errors import UsageError
+from .common import _bool
+from ..errors import UsageError
 
 
 # ------------------------------------------------------------------------------------- train
 def add_train_parser(sub):
-    from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
-    from .precond import OBJECTIVES
-    from .presets import PRESETS
-    from .resample import SCHEDULE_SAMPLERS
-    from .schedules import SCHEDULES
+    from ..diffusion.process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+    from ..diffusion.precond import OBJECTIVES
+    from ..training.presets import PRESETS
+    from ..diffusion.timesteps import SCHEDULE_SAMPLERS
+    from ..diffusion.schedules import SCHEDULES
     p = sub.add_parser("train", help="train a diffusion model",
                        description="Train a diffusion model. A --preset fills the options; any "
-                                   "flag given overrides it. Defaults are listed in gaussdiff/train.py.")
+                                   "flag given overrides it. Defaults are listed in "
+                                   "gaussdiff/training/trainer.py.")
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="named settings (papers' and small CPU ones)")
     a("--out", required=True, help="run directory (created; holds checkpoints, log.jsonl, samples/)")
@@ -147,16 +153,16 @@ def add_train_parser(sub):
 
 
 def cmd_train(args):
-    from .distributed import cleanup, setup
-    from .presets import get_preset
-    from .train import DEFAULTS, Trainer
+    from ..distributed import cleanup, setup
+    from ..training.presets import get_preset
+    from ..training.trainer import DEFAULTS, Trainer
     opts = dict(DEFAULTS)
     if args.preset:
         opts.update(get_preset(args.preset))
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     opts.update(given)
     if args.resume:   # the run's --eval-* options, unless given again
-        from .train_eval import inherit_eval_options
+        from ..training.evaluation import inherit_eval_options
         inherit_eval_options(opts, given, args.out)
     dist, device = setup(args.device)   # torchrun: a process group; else one process
     created = not os.path.exists(args.out)
@@ -178,12 +184,12 @@ def cmd_train(args):
 
 # ------------------------------------------------------------------------------------- sample
 def add_sample_parser(sub):
-    from .diffusion import FIXED_VAR_TYPES
-    from .schedules import SIGMA_SCHEDULES
+    from ..diffusion.process import FIXED_VAR_TYPES
+    from ..diffusion.schedules import SIGMA_SCHEDULES
     p = sub.add_parser("sample", help="draw images from a model directory")
     a = p.add_argument
     a("model", nargs="?", help="model or run directory (config.json + *.safetensors)")
-    from .ensemble import ENSEMBLE_HELP
+    from ..sampling.ensemble import ENSEMBLE_HELP
     a("--ensemble", metavar="MODEL_A:MODEL_B:K", help=ENSEMBLE_HELP)
     a("--cascade", nargs=2, metavar=("BASE_DIR", "UPSAMPLER_DIR"),
       help="instead of MODEL: sample the base model, then refine its images with the upsampler "
@@ -192,7 +198,7 @@ def add_sample_parser(sub):
     a("--num", "--num-samples", dest="num", type=int, default=64,
       help="number of images (64); under torchrun write --num-samples (torchrun itself takes "
            "--num as an abbreviation of its --numa-binding)")
-    from .samplers import sampler_help
+    from ..sampling.samplers import sampler_help
     a("--sampler", default="ddim", help=f"{sampler_help()} (default ddim)")
     a("--steps", default="50", help="ddpm, ddim: respacing: 250, ddim50, or per-section counts like "
                                     "10,15,20; σ-space samplers: the number of steps N (50)")
@@ -219,7 +225,7 @@ def add_sample_parser(sub):
     a("--grid", help="write a PNG grid")
     a("--device")
     a("--no-progress", action="store_true")
-    from .cli_tools import add_guidance_arguments
+    from .tools import add_guidance_arguments
     add_guidance_arguments(p)
     g = p.add_argument_group("σ-space samplers (EDM, Karras et al. 2022)")
     g.add_argument("--schedule", choices=SIGMA_SCHEDULES,
@@ -252,8 +258,8 @@ def _batch_size(text: str):
 
 
 def cmd_sample(args):
-    from .distributed import cleanup, setup
-    from .samplers import get_spec
+    from ..distributed import cleanup, setup
+    from ..sampling.samplers import get_spec
     if args.num < 1 or (args.batch_size != "auto" and args.batch_size < 1) or args.shard_size < 1:
         raise UsageError("--num, --batch-size and --shard-size must be positive")
     get_spec(args.sampler)
@@ -262,7 +268,7 @@ def cmd_sample(args):
     if [args.model, args.cascade, args.ensemble].count(None) != 2:
         raise UsageError("give a MODEL directory, --ensemble MODEL_A:MODEL_B:K or --cascade "
                          "BASE_DIR UPSAMPLER_DIR (one of them)")
-    from .modeldir import check_output_file
+    from ..modeldir import check_output_file
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
         if path:
             check_output_file(path, flag)
@@ -277,9 +283,9 @@ def cmd_sample(args):
 
 def _sample(args, dist, device):
     import torch
-    from .distributed import all_gather_cat, shard
-    from .cli_tools import guidance_from_args, sample_cascade
-    from .images import save_grid, save_npz
+    from ..distributed import all_gather_cat, shard
+    from .tools import guidance_from_args, sample_cascade
+    from ..images import save_grid, save_npz
     guidance = guidance_from_args(args, device)
     if args.cascade:
         if args.var_type:
@@ -287,12 +293,12 @@ def _sample(args, dist, device):
         if dist.enabled:
             raise UsageError("--cascade runs in one process (not under torchrun)")
         return sample_cascade(args, device, guidance)
-    from .ensemble import load_model_or_ensemble
+    from ..sampling.ensemble import load_model_or_ensemble
     pipe = load_model_or_ensemble(args.model, args.ensemble, device=device,
                                   ema=None if args.ema == "raw" else args.ema)
     if args.channels_last:
         pipe.model.to(memory_format=torch.channels_last)
-    from .amp import resolve_precision
+    from ..training.precision import resolve_precision
     precision = resolve_precision(args.precision, device, args.force_precision, "sampling")
     steps = int(args.steps) if args.steps.isdigit() else args.steps
     labels = None
@@ -308,7 +314,7 @@ def _sample(args, dist, device):
     count = part.stop - part.start
     batch_size = args.batch_size
     if batch_size == "auto":
-        from .perf import autotune_batch_size
+        from ..training.batch_size import autotune_batch_size
         batch_size = autotune_batch_size(pipe, count)
         if dist.is_main:
             print(f"--batch-size auto: {batch_size}")
@@ -325,7 +331,7 @@ def _sample(args, dist, device):
                            precision=precision, var_type=args.var_type)
     sharded = bool(args.out) and not dist.enabled and args.num > args.shard_size
     if sharded:
-        from .sharded import sample_in_shards
+        from ..sampling.sharded import sample_in_shards
         images, y = sample_in_shards(args, draw, stats)
     else:
         images, y = draw(part.start, part.stop, not args.no_progress and dist.is_main)
@@ -345,7 +351,7 @@ def _sample(args, dist, device):
     if args.out:
         print(f"wrote {save_npz(args.out, images, y)} ({len(images)} images)")
         if sharded:
-            from .sharded import finish
+            from ..sampling.sharded import finish
             finish(args)
 
 
@@ -360,10 +366,10 @@ def add_export_parser(sub):
 
 def cmd_export(args):
     import gaussdiff
-    from .modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, read_config, save_tensors
+    from ..modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, read_config, save_tensors
     ema = None if args.ema == "raw" else args.ema
     if read_config(args.run).get("kind") == "classifier":   # a noisy classifier's run
-        from .classifier import load_classifier
+        from ..training.classifier import load_classifier
         pipe = load_classifier(args.run, device="cpu", ema=ema)
     else:
         pipe = gaussdiff.load(args.run, device="cpu", ema=ema)
@@ -385,7 +391,7 @@ def ema_init_share_warning(run: str, cfg: dict, ema) -> str:
     weights (r^steps, without --ema-warmup): the exported model would be partly untrained.
     cfg: the run's config.json."""
     import json
-    from .modeldir import weights_path
+    from ..modeldir import weights_path
     path = weights_path(run, cfg, ema)
     name = os.path.basename(path)
     if not name.startswith("ema_") or not os.path.exists(os.path.join(run, "state.json")):
@@ -414,28 +420,28 @@ def add_plot_parser(sub):
 
 
 def cmd_plot(args):
-    from .plot import plot_log
+    from ..plot import plot_log
     plot_log(args.run, args.out)
     print(f"wrote {args.out}")
 
 
 # ------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from .version import __version__
+    from ..version import __version__
     parser = argparse.ArgumentParser(prog="gaussdiff", description="Gaussian diffusion image models")
     parser.add_argument("--version", action="version", version=f"gaussdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_sample_parser(sub)
     add_export_parser(sub)
-    from .cli_metrics import add_metrics_parsers   # eval, nll, train-feature-net
+    from .metrics import add_metrics_parsers   # eval, nll, train-feature-net
     add_metrics_parsers(sub)
-    from .cli_tools import add_tools_parsers   # train-classifier, invert, interpolate, inpaint
+    from .tools import add_tools_parsers   # train-classifier, invert, interpolate, inpaint
     add_tools_parsers(sub)
-    from .cli_interop import add_interop_parsers   # convert-openai, dataset, export-torchscript
+    from .interop import add_interop_parsers   # convert-openai, dataset, export-torchscript
     add_interop_parsers(sub)
     add_plot_parser(sub)
-    from .cli_analyze import add_analyze_parser   # rate-distortion, noise-levels, progressive, ...
+    from .analyze import add_analyze_parser   # rate-distortion, noise-levels, progressive, ...
     add_analyze_parser(sub)
     return parser
 
