@@ -268,6 +268,36 @@ def test_cascade_chains_base_and_upsampler(dirs):
         tools.cascade(base, base, 1, progress=False)
 
 
+class OracleUpsampler(torch.nn.Module):
+    """The ideal ε-network of data whose high-resolution image is the nearest-neighbour
+    upsampling u of its low-resolution input: x_0 = u exactly, so ε*(x_t) = (x_t −
+    sqrt(ᾱ_t)·u)/sqrt(1 − ᾱ_t), at the model's ORIGINAL timestep indices; zero variance channels."""
+
+    def __init__(self, alphas_cumprod):
+        super().__init__()
+        self.abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.unused = torch.nn.Parameter(torch.zeros(()))   # Pipeline.sample reads the device
+
+    def forward(self, x, t, low_res=None, **kwargs):
+        u = F.interpolate(low_res.double(), size=x.shape[-2:], mode="nearest")
+        a = self.abar[t.long()].view(-1, 1, 1, 1)
+        eps = (x.double() - a.sqrt() * u) / (1 - a).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], 1).to(x.dtype)
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 5), ("ddpm", 7), ("ddim", "ddim10")])
+def test_cascade_with_an_oracle_upsampler_returns_the_known_answer(dirs, sampler, steps):
+    """A known answer for the cascade's plumbing (issue 11: is the bundled upsampler wrong or
+    under-trained?): with the ideal denoiser of data x_0 = upsample(low_res), every step's x̂_0
+    is that image, DDIM and ancestral sampling (no noise at t = 0) both end on it, so the
+    cascade's high-resolution output equals the base samples upsampled, pixel for pixel."""
+    base, up = gaussdiff.load(dirs["base"], device="cpu"), gaussdiff.load(dirs["up"], device="cpu")
+    up.model = OracleUpsampler(up.diffusion.alphas_cumprod)
+    high, low, _ = tools.cascade(base, up, 3, sampler, steps, seed=5, progress=False)
+    want = low.repeat(high.shape[1] // low.shape[1], 1).repeat(high.shape[2] // low.shape[2], 2)
+    np.testing.assert_array_equal(high, want)
+
+
 # ----------------------------------------------------------------------- CLI
 def test_cli_image_tools(dirs, tmp_path, capsys):
     """invert (with --reconstruct), interpolate, inpaint and sample --cascade write the files
