@@ -18,22 +18,9 @@ from gaussdiff.cli import main
 from gaussdiff.errors import UsageError
 from gaussdiff.modeldir import Pipeline, make_config
 from gaussdiff.nn.unet import UNetConfig
+from oracles import GaussianOracleEps
 
 S = 0.3   # data standard deviation (in [-1, 1] units)
-
-
-class ExactEps(torch.nn.Module):
-    """ε̂ = (x_t − sqrt(ᾱ)·k_t·x_t)/sqrt(1 − ᾱ): the exact ε-predictor of N(0, S²) data."""
-
-    def __init__(self, alphas_cumprod):
-        super().__init__()
-        self.register_buffer("a", torch.from_numpy(np.asarray(alphas_cumprod)))
-        self.unused = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x, t, **unused):
-        a = self.a[t].reshape(-1, 1, 1, 1).to(x.dtype)
-        k = a.sqrt() * S * S / (a * S * S + 1 - a)
-        return (x - a.sqrt() * k * x) / (1 - a).sqrt()
 
 
 def exact_pipe(T=100, size=2, channels=1):
@@ -43,7 +30,7 @@ def exact_pipe(T=100, size=2, channels=1):
                                  channel_mult=(1,)),
                       diffusion, {"channels": channels, "image_size": size})
     full = make_diffusion(**diffusion)
-    return Pipeline(ExactEps(full.alphas_cumprod), full, cfg)
+    return Pipeline(GaussianOracleEps(full.alphas_cumprod, s=S), full, cfg)
 
 
 def gaussian_images(n, size=2, channels=1, seed=0, mu=0.0):

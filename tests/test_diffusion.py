@@ -15,6 +15,7 @@ from gaussdiff import GaussianDiffusion, make_diffusion
 from gaussdiff.errors import UsageError
 from gaussdiff.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
 from gaussdiff.diffusion.schedules import beta_schedule, space_timesteps
+from oracles import GaussianOracleEps
 
 F64 = torch.float64
 LN2 = math.log(2.0)
@@ -373,19 +374,18 @@ def test_calc_bpd_loop_oracle_model():
 
 
 # --------------------------------------------------------------------------------- samplers
-class GaussianDataEps:
-    """The exact ε-prediction for data x_0 ~ N(μ, s² I): E[ε | x_t] = sqrt(1-ᾱ)(x - sqrt(ᾱ)μ) /
-    (ᾱ s² + 1 - ᾱ), with ᾱ looked up at the ORIGINAL timestep index it receives (recorded)."""
+class GaussianDataEps(GaussianOracleEps):
+    """The exact ε-prediction for data x_0 ~ N(μ, s² I) (tests/oracles.py) at the ORIGINAL
+    timestep index it receives, which must be long; the indices are recorded in `seen`."""
 
     def __init__(self, d, mu, s):
-        self.ab = torch.as_tensor(np.cumprod(1 - np.asarray(d.original_betas)), dtype=F64)
-        self.mu, self.s, self.seen = mu, s, []
+        super().__init__(np.cumprod(1 - np.asarray(d.original_betas, dtype=np.float64)), s, mu)
+        self.seen = []
 
-    def __call__(self, x, t):
+    def forward(self, x, t, **unused):
         assert t.dtype == torch.long and t.shape == (x.shape[0],)
         self.seen.append(t.clone())
-        a = self.ab[t].reshape(-1, *([1] * (x.ndim - 1)))
-        return (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.s ** 2 + 1 - a)
+        return super().forward(x, t)
 
 
 def predicted_ddim_round_trip(levels, x0, mu, s, skip_last):

@@ -21,20 +21,9 @@ from gaussdiff.modeldir import Pipeline, make_config
 from gaussdiff.nn.unet import SuperResModel, UNetConfig
 from gaussdiff.training.trainer import DEFAULTS, Trainer
 from guided_models import NUM_CLASSES, make_model_dir
+from oracles import GaussianOracleEps
 
 F64 = torch.float64
-
-
-class GaussianEps(torch.nn.Module):
-    """The exact ε-predictor of N(0, I) data: E[ε | x_t] = sqrt(1 − ᾱ_t)·x_t (t original)."""
-
-    def __init__(self, alphas_cumprod):
-        super().__init__()
-        self.register_buffer("a", torch.from_numpy(np.asarray(alphas_cumprod)))
-        self.unused = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x, t, **unused):
-        return (1 - self.a[t]).sqrt().reshape(-1, 1, 1, 1).to(x.dtype) * x
 
 
 def gaussian_pipe(T=100, schedule="cosine"):
@@ -43,7 +32,7 @@ def gaussian_pipe(T=100, schedule="cosine"):
     cfg = make_config(UNetConfig(image_size=4, in_channels=2, out_channels=2), diffusion,
                       {"channels": 2, "image_size": 4})
     full = gaussdiff.make_diffusion(**diffusion)
-    return Pipeline(GaussianEps(full.alphas_cumprod), full, cfg)
+    return Pipeline(GaussianOracleEps(full.alphas_cumprod), full, cfg)
 
 
 @pytest.mark.parametrize("skip_last", [True, False])
