@@ -24,7 +24,7 @@ modules="gaussdiff/diffusion/process.py gaussdiff/sampling/samplers.py gaussdiff
 tests=""
 for t in test_diffusion test_samplers test_objectives test_guidance test_metrics test_schedules \
          test_ode_likelihood test_guided_diffusion_parity test_hardening; do
-  [ -f "tests/$t.py" ] && tests="$tests tests/$t.py"
+  for f in tests/$t.py tests/*/$t.py; do [ -f "$f" ] && tests="$tests $f"; done   # flat or grouped
 done
 {   # setup.cfg lists: one item per indented line
   echo "[mutmut]"

@@ -1,6 +1,7 @@
 """Shared test settings."""
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +9,10 @@ import torch
 # The tests use tiny tensors: one intra-op thread avoids OpenMP oversubscription on small,
 # shared CPUs (it made the UNet tests ~8x slower next to a training job on 2 cores).
 torch.set_num_threads(1)
+
+# The tests are grouped in folders that mirror the package; the shared helpers (guided_models,
+# oracles, cli_helpers, openai_reference) stay here and are imported by name from every folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 # Packages some tests compare against. `make test` (and so CI) sets GAUSSDIFF_REQUIRE_REFERENCES:

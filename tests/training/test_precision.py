@@ -245,8 +245,6 @@ def test_sampling_under_bf16_autocast_is_close_and_leaves_the_model_as_it_was(tm
     in bf16), the sampler in float64; the images stay within a few 8-bit levels of fp32's
     (bf16 keeps 8 bits of mantissa), and afterwards the model is the plain fp32 module again
     (fp32 sampling then reproduces the first fp32 run bit for bit)."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     import gaussdiff
     from guided_models import make_model_dir
     pipe = gaussdiff.load(make_model_dir(tmp_path / "m", num_classes=None), device="cpu")
