@@ -220,7 +220,7 @@ def evaluate(samples: np.ndarray, reference: np.ndarray, metrics: Iterable[str] 
             out["fid"] = frechet_distance(*feature_statistics(f["pool"]), ref["pool_mu"], ref["pool_sigma"])
         if "sfid" in metrics:
             out["sfid"] = frechet_distance(*feature_statistics(f["spatial"]), ref["spatial_mu"], ref["spatial_sigma"])
-        if space == "inception":
+        if space == "inception" and {"kid", "prec", "rec"} & set(metrics):
             _space_metrics(out, settings, metrics, f["pool"], ref["pool_features"], "",
                            kid_subset_size, kid_subsets, pr_k, seed)
 

@@ -358,6 +358,27 @@ def test_compact_reference_serves_fd_and_recomputes_what_it_lacks(tmp_path, feat
         np.testing.assert_array_equal(f["net_sigma"], g["net_sigma"].astype(np.float32))
 
 
+def test_fid_from_compact_inception_statistics(tmp_path, capsys):
+    """FID alone against a compact copy of the Inception reference statistics (pool mean and
+    covariance in float32, no features: the shipped 10k test-set file) is a cache hit and
+    equals the full cache's FID to float32 round-off (it once read the absent features)."""
+    from gaussdiff.metrics.evaluate import compact_reference
+    samples = _npz(tmp_path / "samples.npz", _labelled_images(6, seed=2)[0])
+    ref = _npz(tmp_path / "ref.npz", _labelled_images(8, seed=3)[0])
+    full, small = tmp_path / "full", tmp_path / "small"
+    small.mkdir()
+
+    def fid(cache):
+        assert main(["eval", samples, "--ref", ref, "--cache-dir", str(cache), "--no-progress"]) == 0
+        return json.loads(capsys.readouterr().out)
+    want = fid(full)["metrics"]["fid"]
+    (cached,) = list(full.iterdir())
+    compact_reference(str(cached), str(small), dtype=np.float32)
+    got = fid(small)
+    assert got["reference"]["cache"]["inception"]["hit"] is True
+    assert got["metrics"]["fid"] == pytest.approx(want, rel=1e-5)
+
+
 def test_eval_cli_errors_are_one_line(tmp_path, capsys):
     """Bad input -> exit 2 with a message naming the problem: an unknown metric, fd without a
     feature net, more samples asked for than the file holds."""
