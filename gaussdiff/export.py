@@ -30,6 +30,7 @@ from typing import List
 import torch
 
 from .errors import UsageError
+from .modeldir import num_timesteps
 
 
 class PositionalModel(torch.nn.Module):
@@ -49,7 +50,7 @@ def example_inputs(config: dict, batch: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     d, m = config["data"], config["model"]
     C, S = m["in_channels"], m["image_size"]
-    steps = config["diffusion"]["steps"]
+    steps = num_timesteps(config) or 1000   # σ-space: the σ input replaces t (export_torchscript)
     inputs = [torch.randn(batch, C, S, S, generator=g),
               torch.randint(0, steps, (batch,), generator=g)]
     names = []

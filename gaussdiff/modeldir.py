@@ -32,11 +32,26 @@ def ema_name(rate: float) -> str:
     return f"ema_{rate}.safetensors"
 
 
-def make_config(model: UNetConfig, diffusion: dict, data: dict, training: Optional[dict] = None) -> dict:
-    return {"gaussdiff_version": __version__, "format_version": FORMAT_VERSION,
-            "model": model.to_dict(),
-            "diffusion": {k: {**DIFFUSION_OPTIONAL, **diffusion}[k] for k in DIFFUSION_KEYS},
-            "data": data, "training": training or {}}
+def diffusion_section(diffusion: dict) -> dict:
+    """A config.json "diffusion" section with every key, the optional ones defaulted."""
+    return {k: {**DIFFUSION_OPTIONAL, **diffusion}[k] for k in DIFFUSION_KEYS}
+
+
+def make_config(model: UNetConfig, diffusion: Optional[dict], data: dict,
+                training: Optional[dict] = None, sections: Optional[dict] = None) -> dict:
+    """A config.json: the network, the discrete diffusion (all keys; None when `sections` holds
+    the objective's own: a σ-space model's "precond" and "objective", a classifier's schedule),
+    the data and the training options."""
+    cfg = {"gaussdiff_version": __version__, "format_version": FORMAT_VERSION,
+           "model": model.to_dict()}
+    if diffusion is not None:
+        cfg["diffusion"] = diffusion_section(diffusion)
+    return {**cfg, **(sections or {}), "data": data, "training": training or {}}
+
+
+def num_timesteps(cfg: dict) -> Optional[int]:
+    """T of a discrete-time model or classifier (its "diffusion" section), None in σ-space."""
+    return None if cfg.get("precond") else int(cfg["diffusion"]["steps"])
 
 
 def read_config(path: str) -> dict:
@@ -53,7 +68,11 @@ def read_config(path: str) -> dict:
     if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"{cfg_path}: model format version {cfg.get('format_version') if isinstance(cfg, dict) else '?'} "
                          f"is not supported by gaussdiff {__version__} (expects {FORMAT_VERSION})")
-    for key in ("model", "diffusion", "data"):
+    if cfg.get("precond") is not None:
+        # σ-space: the noise process is the "precond" section. Directories written before
+        # the objective contract also hold a "diffusion" section their sampling never used.
+        cfg.pop("diffusion", None)
+    for key in ("model", "data") + (() if cfg.get("precond") is not None else ("diffusion",)):
         if not isinstance(cfg.get(key), dict):
             raise UsageError(f"{cfg_path}: missing section {key!r}")
     from .validate import check_config   # types and ranges, before anything is built from them
@@ -118,11 +137,11 @@ def seed_for(seed: int, index: int) -> int:
 class Pipeline:
     """A loaded model: `.model` (the network), `.diffusion` (its full-length GaussianDiffusion)
     and `.config` (config.json). `.sample(...)` draws images. Models trained in σ-space
-    (config.json has a "precond" section, `gaussdiff train --objective edm|vp|ve|iddpm`) also
-    have `.denoiser`, the preconditioned network D(x, sigma, **cond) (gaussdiff.diffusion.precond) that
-    σ-space samplers take; their `.diffusion` is unused."""
+    (config.json has a "precond" section, `gaussdiff train --objective edm|vp|ve|iddpm`) have
+    `.denoiser`, the preconditioned network D(x, sigma, **cond) (gaussdiff.diffusion.precond)
+    that σ-space samplers take, instead of a `.diffusion` (None)."""
     model: torch.nn.Module
-    diffusion: GaussianDiffusion
+    diffusion: Optional[GaussianDiffusion]
     config: dict
     path: str = ""
     denoiser: Optional[torch.nn.Module] = None
@@ -146,6 +165,10 @@ class Pipeline:
         section counts, as improved-diffusion reads one); var_type "fixed_small" (β̃_t) or
         "fixed_large" (β_t) replaces the model's reverse variances (a learned-Σ model's
         variance channels are then ignored: Improved DDPM Fig. 8's fixed-Σ curves)."""
+        if self.diffusion is None:
+            raise UsageError(f"{self.path or 'this model'} was trained in σ-space (objective "
+                             f"{self.config['precond']['type']}): it has no discrete diffusion to "
+                             f"respace; use a σ-space sampler such as heun")
         spacing = steps if not isinstance(steps, int) else str(steps)
         config = dict(self.config["diffusion"])
         if var_type is not None:
@@ -372,4 +395,5 @@ def load(path: str, device=None, ema: Optional[str] = "auto") -> Pipeline:
     if cfg.get("precond"):   # σ-space objective: rebuild D(x; σ) around the network
         from .diffusion.precond import make_precond
         denoiser = make_precond(cfg["precond"], model).eval()
-    return Pipeline(model, make_diffusion(**cfg["diffusion"]), cfg, path, denoiser)
+    diffusion = None if denoiser is not None else make_diffusion(**cfg["diffusion"])
+    return Pipeline(model, diffusion, cfg, path, denoiser)

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import UsageError
+from .modeldir import num_timesteps
 from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
 
 META_KEY = "gaussdiff_sweep"
@@ -35,9 +36,9 @@ CSV_COLUMNS = ("sampler", "steps", "nfe", "metric", "value", "num", "seconds")
 
 
 # ------------------------------------------------------------------------------ samplers and NFE
-def check_sampler_steps(sampler: str, steps: int, T: int, sigma_space: bool, flag: str):
+def check_sampler_steps(sampler: str, steps: int, T: Optional[int], sigma_space: bool, flag: str):
     """A UsageError naming `flag` if `sampler` with `steps` steps cannot run on a model with T
-    diffusion steps, trained in σ-space or not (an unknown sampler, ddpm/ddim on a σ-space
+    diffusion steps (None in σ-space), trained in σ-space or not (an unknown sampler, ddpm/ddim on a σ-space
     model, more ddpm/ddim steps than T)."""
     if sampler not in SAMPLER_NAMES:
         raise UsageError(f"{flag}: unknown sampler {sampler!r}: choose from {', '.join(SAMPLER_NAMES)}")
@@ -86,18 +87,18 @@ def steps_for_nfe(config: dict, sampler: str, nfe: int) -> Tuple[int, int]:
     steps = (nfe - b) // a
     if steps < 1:
         raise UsageError(f"--nfe {nfe}: {sampler} makes at least {a + b} network evaluations (one step)")
-    check_sampler_steps(sampler, steps, config["diffusion"]["steps"], bool(config.get("precond")),
+    check_sampler_steps(sampler, steps, num_timesteps(config), bool(config.get("precond")),
                         f"--nfe {nfe}")
     return steps, a * steps + b
 
 
-def parse_sampler_spec(spec: str, T: int, sigma_space: bool, flag: str) -> Tuple[str, int]:
+def parse_sampler_spec(spec: str, T: Optional[int], sigma_space: bool, flag: str) -> Tuple[str, int]:
     """"sampler[:steps]" -> (sampler, steps), checked for a model with T diffusion steps. Without
     steps: 18 for heun (EDM's 35 NFE), else 50 (at most T for ddpm and ddim)."""
     name, _, steps = str(spec).strip().partition(":")
     if steps and not steps.isdigit():
         raise UsageError(f"{flag} {spec}: expected SAMPLER[:STEPS] with a positive integer STEPS")
-    n = int(steps) if steps else 18 if name == "heun" else min(50, T) if name in ("ddpm", "ddim") else 50
+    n = int(steps) if steps else 18 if name == "heun" else min(50, T or 50) if name in ("ddpm", "ddim") else 50
     check_sampler_steps(name, n, T, sigma_space, f"{flag} {spec}")
     return name, n
 

@@ -44,14 +44,16 @@ def check_model_section(section, where: str, classifier: bool = False):
         raise UsageError(f"{where}: \"model\" section: {e}") from None
 
 
-def check_diffusion_section(section, where: str):
-    """Types and choices of the "diffusion" section, then a trial make_diffusion."""
+def check_diffusion_section(section, where: str, schedule_only: bool = False):
+    """Types and choices of the "diffusion" section, then a trial make_diffusion. schedule_only:
+    a noisy classifier's section, which needs only the noise schedule (schedule and steps)."""
     from .diffusion.process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, make_diffusion
     from .diffusion.schedules import SCHEDULES
     unknown = sorted(set(section) - set(DIFFUSION_KEYS))
     if unknown:
         raise UsageError(f"{where}: \"diffusion\" section: unknown keys {', '.join(map(str, unknown))}")
-    missing = sorted(set(DIFFUSION_KEYS) - set(section) - set(DIFFUSION_OPTIONAL))
+    required = ("schedule", "steps") if schedule_only else set(DIFFUSION_KEYS) - set(DIFFUSION_OPTIONAL)
+    missing = sorted(set(required) - set(section))
     if missing:
         raise UsageError(f"{where}: \"diffusion\" section: missing keys {', '.join(missing)}")
     choices = dict(schedule=SCHEDULES, mean_type=MEAN_TYPES, var_type=VAR_TYPES,
@@ -114,8 +116,10 @@ def check_precond_section(section, where: str):
 
 def check_config(cfg: dict, where: str):
     """All sections of a config.json that gaussdiff builds something from."""
-    check_model_section(cfg["model"], where, classifier=cfg.get("kind") == "classifier")
-    check_diffusion_section(cfg["diffusion"], where)
+    classifier = cfg.get("kind") == "classifier"
+    check_model_section(cfg["model"], where, classifier=classifier)
+    if "diffusion" in cfg:   # σ-space models have none (read_config drops an old one)
+        check_diffusion_section(cfg["diffusion"], where, schedule_only=classifier)
     check_data_section(cfg["data"], cfg["model"], where)
     if cfg.get("precond") is not None:
         check_precond_section(cfg["precond"], where)

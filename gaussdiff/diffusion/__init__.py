@@ -6,6 +6,8 @@
 - precond.py: EDM's table: the VP/VE/iDDPM/EDM preconditioners and their losses
 - gaussian.py: Gaussian KL and the discretized Gaussian log-likelihood (in nats)
 - timesteps.py: timestep samplers for training (uniform, loss-second-moment importance sampling)
+- objectives.py: the `Objective` contract every training objective implements (the discrete
+  process, EDM's σ-space table, ADM's noisy classifier), and the config sections each writes
 
 `from gaussdiff.diffusion import X` keeps working for every public name of the former
 gaussdiff/diffusion.py module.

@@ -13,13 +13,16 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..modeldir import num_timesteps
+
 CANDIDATES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def _probe_input(pipe, batch: int, device):
     C, H, W = pipe.image_shape
     x = torch.randn(batch, C, H, W, device=device)
-    t = torch.full((batch,), pipe.config["diffusion"]["steps"] // 2, device=device, dtype=torch.long)
+    T = num_timesteps(pipe.config) or 1000   # σ-space: any noise input times the same
+    t = torch.full((batch,), T // 2, device=device, dtype=torch.long)
     kwargs = {}
     if pipe.num_classes is not None:
         kwargs["y"] = torch.zeros(batch, dtype=torch.long, device=device)

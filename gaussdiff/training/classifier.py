@@ -16,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..diffusion.objectives import ClassifierObjective
 from ..diffusion.process import make_diffusion
+from ..diffusion.timesteps import make_schedule_sampler
 from ..errors import UsageError
 from ..modeldir import build_model, default_device, load_state_into, read_config, weights_path
 from .trainer import DEFAULTS, Trainer, unet_config
@@ -29,23 +31,6 @@ CLASSIFIER_DEFAULTS = dict(
     lr=3e-4, weight_decay=0.05, ema="0.999", sample_every=0)
 
 
-class ClassifierObjective:
-    """Cross-entropy of a classifier on x_t = q_sample(x_0, t): ADM's classifier objective,
-    with GaussianDiffusion.training_losses' signature so that Trainer's step runs it."""
-
-    def __init__(self, diffusion):
-        self.diffusion, self.num_timesteps = diffusion, diffusion.num_timesteps
-
-    def training_losses(self, model, x0, t, noise=None, model_kwargs=None):
-        """dict(loss=[B] cross-entropy in nats, acc=[B] 1 where the arg-max is right)."""
-        kwargs = dict(model_kwargs or {})
-        y = kwargs.pop("y")
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        logits = model(x_t, self.diffusion.model_timesteps(t), **kwargs).float()
-        return dict(loss=F.cross_entropy(logits, y, reduction="none"),
-                    acc=(logits.argmax(dim=1) == y).float())
-
-
 class ClassifierTrainer(Trainer):
     """`gaussdiff train-classifier`: Trainer with the encoder as network and cross-entropy on
     noisy images as objective. Options: CLASSIFIER_DEFAULTS' keys."""
@@ -54,10 +39,14 @@ class ClassifierTrainer(Trainer):
 
     def __init__(self, opts: dict, out_dir: str, **kwargs):
         fixed = dict(class_cond=True, objective="ddpm", sample_every=0, label_dropout=0.0,
-                     task="generate", low_res=None, schedule_sampler="uniform", augment=0.0,
-                     mean_type="eps", var_type="fixed_small", loss="mse")
+                     task="generate", low_res=None, schedule_sampler="uniform", augment=0.0)
         super().__init__({**CLASSIFIER_DEFAULTS, **opts, **fixed}, out_dir, **kwargs)
-        self.diffusion = ClassifierObjective(self.diffusion)
+
+    def make_objective(self, o: dict) -> ClassifierObjective:
+        schedule = dict(schedule=o["schedule"], steps=o["diffusion_steps"])
+        diffusion = make_diffusion(**schedule)
+        return ClassifierObjective(diffusion, make_schedule_sampler("uniform", diffusion.num_timesteps),
+                                   schedule)
 
     def network_config(self, o: dict, out_channels: int):
         from ..nn.encoder import EncoderConfig

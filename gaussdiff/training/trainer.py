@@ -1,4 +1,4 @@
-"""Training: `gaussdiff train`. One loop for every objective of the discrete engine.
+"""Training: `gaussdiff train`. One loop for every objective (gaussdiff.diffusion.objectives).
 
 A run directory holds config.json, model.safetensors, ema_<rate>.safetensors, state.safetensors
 + state.json (optimizer, step, RNG and data-order state, so --resume continues bit for bit),
@@ -26,11 +26,11 @@ from .checkpoint import (check_finite, holds_run, refresh_top_level, select_chec
 from .guard import BadStepGuard, all_finite
 from ..validate import check_train_options
 from ..distributed import DistInfo, all_gather_cat, barrier, current, rank_seed, shard
-from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, atomic_write_json,
-                        build_model, default_device, ema_name, load_state_into, load_tensors,
-                        make_config, read_config, save_tensors)
+from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, Pipeline, build_model, default_device,
+                        diffusion_section, ema_name, load_state_into, load_tensors, make_config,
+                        read_config)
 from ..nn.unet import UNetConfig
-from ..diffusion.precond import make_loss, make_precond, objective_sections
+from ..diffusion.objectives import DiscreteObjective, Objective, SigmaObjective
 from ..diffusion.timesteps import make_schedule_sampler
 
 # Defaults where neither a preset nor a flag says otherwise (DDPM/Improved DDPM values where
@@ -114,6 +114,21 @@ def diffusion_config(o: dict) -> dict:
                 var_type=o["var_type"], loss_type=o["loss"], hybrid_lambda=o["hybrid_lambda"],
                 vb_stop_grad=o["vb_stop_grad"], p2_gamma=o.get("p2_gamma", 0.0),
                 p2_k=o.get("p2_k", 1.0), min_snr_gamma=o.get("min_snr_gamma", 0.0))
+
+
+def make_objective(o: dict) -> Objective:
+    """The training objective of the options: --objective ddpm (the discrete process of
+    --schedule, --mean-type, --var-type, --loss, ...) or a σ-space one (edm, vp, ve, iddpm)."""
+    name = o.get("objective", "ddpm")
+    if name == "ddpm":
+        section = diffusion_section(diffusion_config(o))
+        diffusion = make_diffusion(**section)
+        return DiscreteObjective(diffusion, make_schedule_sampler(o["schedule_sampler"],
+                                                                  diffusion.num_timesteps), section)
+    if o.get("p2_gamma") or o.get("min_snr_gamma") or o.get("schedule_sampler", "uniform") != "uniform":
+        raise UsageError(f"--p2-gamma, --min-snr-gamma and --schedule-sampler apply to "
+                         f"--objective ddpm; --objective {name} has its own λ(σ) and σ distribution")
+    return SigmaObjective(name, o["sigma_data"], o["p_mean"], o["p_std"])
 
 
 def make_adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -207,34 +222,22 @@ class Trainer:
         o["channels"] = o["channels"] or self.data.images.shape[3]
         o["num_classes"] = self.data.num_classes if o["class_cond"] else None
         check_conditioning(o)
-        self.diffusion = make_diffusion(**diffusion_config(o))
-        self.schedule_sampler = make_schedule_sampler(o["schedule_sampler"], self.diffusion.num_timesteps)
-        self.objective = o.get("objective", "ddpm")
-        sigma_space = self.objective != "ddpm"   # EDM eqs. 7-8, gaussdiff.diffusion.precond
-        if sigma_space and (o.get("p2_gamma") or o.get("min_snr_gamma")
-                            or o.get("schedule_sampler", "uniform") != "uniform"):
-            raise UsageError(f"--p2-gamma, --min-snr-gamma and --schedule-sampler apply to "
-                             f"--objective ddpm; --objective {self.objective} has its own λ(σ) "
-                             f"and σ distribution")
+        self.objective = self.make_objective(o)
+        sigma_space = self.objective.num_timesteps is None   # EDM eqs. 7-8, precond.py
         if not 0 <= o.get("augment", 0) <= 1:
             raise UsageError(f"--augment is a probability in [0, 1], got {o['augment']}")
         self.augment_pipe = AugmentPipe(o["augment"]) if o.get("augment") else None
         from .evaluation import TrainingEval   # checks the --eval-* options before any write
-        self.evaluator = TrainingEval(o, self.diffusion.num_timesteps, sigma_space, self.device,
+        self.evaluator = TrainingEval(o, self.objective.num_timesteps, sigma_space, self.device,
                                       self.dist.world_size)
-        # σ-space objectives ignore the diffusion options: F_θ has no variance output
-        out_ch = o["channels"] * (2 if self.diffusion.learns_variance and not sigma_space else 1)
-        self.model_config = self.network_config(o, out_ch)
-        self.config = make_config(self.model_config, diffusion_config(o), dict(
+        self.model_config = self.network_config(o, self.objective.output_channels(o["channels"]))
+        unused = self.objective.unused_options   # e.g. no --mean-type in an EDM model's record
+        self.config = make_config(self.model_config, None, dict(
             dataset=self.data.name, image_size=o["image_size"], channels=o["channels"],
             class_names=self.data.class_names if o["class_cond"] else None),
-            training={k: v for k, v in o.items()} | {"sample_ema": self.ema_rates[0]})
+            training={k: v for k, v in o.items() if k not in unused} | {"sample_ema": self.ema_rates[0]},
+            sections=self.objective.sections())
         self.config.update(self.config_extras(o))
-        self.sigma_loss = None
-        if sigma_space:
-            self.config["precond"], self.config["objective"] = objective_sections(
-                self.objective, o["sigma_data"], o["p_mean"], o["p_std"])
-            self.sigma_loss = make_loss(self.config["objective"])
 
         torch.manual_seed(o["seed"])
         self.model = self.build_network().to(self.device)
@@ -242,7 +245,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if o.get("grad_checkpoint"):
             self.model.set_grad_checkpointing(True)
-        self.denoiser = make_precond(self.config["precond"], self.model) if sigma_space else None
+        self.train_module = self.objective.network(self.model)   # σ-space: D(x; σ) around it
         self.opt = make_adamw(self.model.parameters(), o["lr"], o["weight_decay"])
         self.ema = EMA(self.model, self.ema_rates, o.get("ema_warmup", False))
         self.sampler = BatchSampler(len(self.data), o["batch_size"], o["seed"])
@@ -262,6 +265,10 @@ class Trainer:
         if data_note and self.dist.is_main and not resume:
             print(data_note, file=sys.stderr)
 
+    def make_objective(self, o: dict) -> Objective:
+        """The objective a step minimises (gaussdiff.diffusion.objectives)."""
+        return make_objective(o)
+
     def network_config(self, o: dict, out_channels: int):
         """The network's config.json "model" section, as a dataclass."""
         return unet_config(o, out_channels)
@@ -280,7 +287,7 @@ class Trainer:
     def build_forward(self):
         """self.train_net: the network (σ-space: the denoiser) as a training step calls it,
         wrapped in DistributedDataParallel (torchrun), torch.compile and autocast as asked."""
-        net = self.denoiser if self.sigma_loss is not None else self.model
+        net = self.train_module
         self.ddp = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -302,7 +309,7 @@ class Trainer:
         opt_state = self.opt.state_dict()
         tensors = {"rng.torch": torch.get_rng_state(), "rng.gen": self.gen.get_state()}
         tensors.update(self.sampler.state_tensors())
-        tensors.update(self.schedule_sampler.state_tensors())
+        tensors.update(self.objective.state_tensors())
         tensors.update(self.scaler.state_tensors())
         for pid, s in opt_state["state"].items():
             for k, v in s.items():
@@ -321,7 +328,9 @@ class Trainer:
         saved = read_config(d)
         # sections as this version writes them (keys added since default to their old meaning)
         saved["model"] = type(self.model_config).from_dict(saved["model"]).to_dict()
-        saved["diffusion"] = {**DIFFUSION_OPTIONAL, **saved["diffusion"]}
+        if "diffusion" in saved and "diffusion" in self.config:   # the keys this version writes
+            full = {**DIFFUSION_OPTIONAL, **saved["diffusion"]}
+            saved["diffusion"] = {k: full.get(k) for k in self.config["diffusion"]}
         for key in ("model", "diffusion", "precond", "objective", "task", "kind"):
             if saved.get(key) != self.config.get(key):
                 raise UsageError(f"--resume: the options given differ from {d}/config.json in its "
@@ -350,7 +359,7 @@ class Trainer:
         if "rng.cuda" in s and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["rng.cuda"], self.device)
         self.sampler.load_state_tensors(s)
-        self.schedule_sampler.load_state_tensors(s)
+        self.objective.load_state_tensors(s)
         self.scaler.load_state_tensors(s)
 
     # ---------------------------------------------------------------- one step
@@ -403,15 +412,8 @@ class Trainer:
         x0, kwargs = self.next_batch()
         # The random numbers are drawn for all B rows of the global batch from self.gen, in the
         # order of the plain loop; a process (torchrun) or a microbatch then takes its rows. So
-        # row i gets the same data, t and noise whatever the number of processes or chunks.
-        if self.sigma_loss is not None:   # σ and noise drawn from self.gen, like t below
-            t = weights = None
-            sigma, noise = self.sigma_loss.draw(x0, self.gen)
-        else:
-            B = x0.shape[0]
-            t, weights = self.schedule_sampler.sample(B, self.gen)   # uniform: weights 1
-            t, weights = t.to(self.device), weights.to(self.device)
-            noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        # row i gets the same data, t (or σ) and noise whatever the number of processes or chunks.
+        draw = self.objective.draw(x0, self.gen)
         rows = shard(x0.shape[0], self.dist)
         chunks = self.microbatches(rows)
         self.opt.zero_grad(set_to_none=True)
@@ -420,12 +422,7 @@ class Trainer:
             kw = {k: v[sl] for k, v in kwargs.items()}
             last = i == len(chunks) - 1   # DDP averages the gradients once, after the last chunk
             with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
-                if self.sigma_loss is not None:
-                    losses = self.sigma_loss.evaluate(self.train_net, x0[sl], sigma[sl], noise[sl], kw)
-                    per_sample = losses["loss"]
-                else:
-                    losses = self.diffusion.training_losses(self.train_net, x0[sl], t[sl], noise[sl], kw)
-                    per_sample = losses["loss"] * weights[sl]   # w = 1/(T p_t): unbiased estimate
+                per_sample, losses = self.objective.losses(self.train_net, x0[sl], draw.rows(sl), kw)
                 # the mean over this process's rows, accumulated chunk by chunk
                 loss = per_sample.mean() if len(chunks) == 1 else per_sample.sum() / (rows.stop - rows.start)
                 self.scaler.scale_loss(loss).backward()
@@ -433,8 +430,8 @@ class Trainer:
         losses = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if self.dist.enabled:
             losses = {k: all_gather_cat(v, self.dist) for k, v in losses.items()}
-        if t is not None and bool(torch.isfinite(losses["loss"]).all()):   # no NaN in its history
-            self.schedule_sampler.update(t, losses["loss"])
+        if bool(torch.isfinite(losses["loss"]).all()):   # no NaN in importance sampling's history
+            self.objective.observe(draw, losses["loss"])
         finite = self.scaler.unscale_(self.model.parameters())   # fp16: False on overflow
         finite = finite and all_finite(losses["loss"], self.model.parameters())   # NaN/inf guard
         if finite:
@@ -449,18 +446,20 @@ class Trainer:
         self.scaler.update(finite)   # fp16: halve the scale and skip the step on overflow
         self.guard.update(finite, self.step + 1, recoverable)   # stops after --max-bad-steps
         self.step += 1
-        return losses | ({"t": t} if t is not None else {})
+        quarters = self.objective.quarters(draw)
+        return losses | ({"quarter": quarters} if quarters is not None else {})
 
     # ---------------------------------------------------------------- the loop
     def ema_pipeline(self):
         """A Pipeline of a copy of the network with the first EMA weights (σ-space: with its
         denoiser), leaving the training network and RNG streams untouched."""
-        from ..modeldir import Pipeline
         with torch.random.fork_rng(devices=[]):   # keep the training RNG stream untouched
             ema_model = self.build_network().to(self.device)
         ema_model.load_state_dict(self.ema.shadows[self.ema_rates[0]])
-        denoiser = make_precond(self.config["precond"], ema_model).eval() if self.sigma_loss is not None else None
-        return Pipeline(ema_model, self.diffusion, self.config, self.out_dir, denoiser)
+        if self.objective.num_timesteps is None:
+            return Pipeline(ema_model, None, self.config, self.out_dir,
+                            self.objective.network(ema_model).eval())
+        return Pipeline(ema_model, self.objective.diffusion, self.config, self.out_dir)
 
     def write_samples(self):
         from ..images import save_grid
@@ -468,7 +467,7 @@ class Trainer:
         low_res = None   # upsampler: the first training images, downsampled
         if self.o.get("task") == "upsample":
             low_res = self.low_res_of(to_model_range(self.images[:self.o["sample_num"]])).to(self.device)
-        if self.sigma_loss is not None:
+        if pipe.denoiser is not None:
             images = self.sample_sigma_space(pipe.denoiser, low_res)
         else:
             images, _ = pipe.sample(self.o["sample_num"], "ddim", self.o["sample_steps"], seed=0,
@@ -513,10 +512,9 @@ class Trainer:
             for k in self.LOG_KEYS:
                 if k in out:
                     acc.setdefault(k, []).append(out[k].mean().item())
-            T = self.diffusion.num_timesteps
-            for q in range(4 if "t" in out else 0):   # loss by quarter of the process (as
-                # improved-diffusion logs it; discrete objective only)
-                sel = (out["t"] * 4 // T) == q
+            for q in range(4 if "quarter" in out else 0):   # loss by quarter of the process
+                # (as improved-diffusion logs it; timestep objectives only)
+                sel = out["quarter"] == q
                 for k in self.QUARTER_KEYS if sel.any() else ():
                     acc.setdefault(f"{k}_q{q}", []).append(out[k][sel].mean().item())
             bar.update(1)

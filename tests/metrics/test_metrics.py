@@ -621,10 +621,10 @@ def test_trainer_with_loss_second_moment_resumes_bit_exactly(tmp_path):
         return Trainer(dict(opts, steps=steps), str(out), resume=resume, device="cpu", progress=False).run()
 
     whole = run(tmp_path / "a", 6)
-    assert whole.schedule_sampler.warmed_up() and not np.allclose(whole.schedule_sampler.probs(), 0.25)
+    assert whole.objective.sampler.warmed_up() and not np.allclose(whole.objective.sampler.probs(), 0.25)
     run(tmp_path / "b", 3)
     resumed = run(tmp_path / "b", 6, resume=True)
-    np.testing.assert_array_equal(whole.schedule_sampler.loss_history, resumed.schedule_sampler.loss_history)
+    np.testing.assert_array_equal(whole.objective.sampler.loss_history, resumed.objective.sampler.loss_history)
     wa, wb = load_tensors(str(tmp_path / "a" / "model.safetensors")), load_tensors(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

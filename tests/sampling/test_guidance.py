@@ -15,7 +15,9 @@ import torch
 
 import gaussdiff
 from gaussdiff.sampling import samplers as S
-from gaussdiff.training.classifier import ClassifierObjective, ClassifierTrainer, load_classifier
+from gaussdiff.diffusion.objectives import ClassifierObjective, Draw
+from gaussdiff.diffusion.timesteps import make_schedule_sampler
+from gaussdiff.training.classifier import ClassifierTrainer, load_classifier
 from gaussdiff.cli import main as cli_main
 from gaussdiff.sampling.denoisers import DiscreteDenoiser
 from gaussdiff.diffusion import make_diffusion
@@ -334,7 +336,9 @@ def test_classifier_objective_is_cross_entropy_on_noised_images():
     def model(x_t, t):
         seen.update(x_t=x_t, t=t)
         return torch.stack([x_t.mean((1, 2, 3)), -x_t.mean((1, 2, 3)), torch.zeros(3, dtype=F64)], 1)
-    out = ClassifierObjective(diffusion).training_losses(model, x0, t, noise, {"y": Y})
+    objective = ClassifierObjective(diffusion, make_schedule_sampler("uniform", T), {})
+    per_sample, out = objective.losses(model, x0, Draw(t, noise, torch.ones(3)), {"y": Y})
+    assert torch.equal(per_sample, out["loss"])   # uniform t: importance weights 1
     assert torch.equal(seen["x_t"], diffusion.q_sample(x0, t, noise)) and torch.equal(seen["t"], t)
     logits = model(seen["x_t"], t).float()
     torch.testing.assert_close(out["loss"], torch.nn.functional.cross_entropy(logits, Y, reduction="none"))
@@ -351,13 +355,13 @@ def test_classifier_training_logs_accuracy_by_noise_range(tmp_path):
     data, out = _labelled_npz(tmp_path / "d.npz"), str(tmp_path / "cls")
     trainer = ClassifierTrainer(dict(data=data, steps=3, save_every=3, **CLS_TINY), out,
                                 device="cpu", progress=False)
-    records, objective = [], trainer.diffusion.training_losses
+    records, losses = [], trainer.objective.losses
 
-    def spy(*args, **kwargs):
-        result = objective(*args, **kwargs)
-        records.append((args[2].clone(), result))
-        return result
-    trainer.diffusion.training_losses = spy
+    def spy(net, x0, draw, kwargs):
+        per_sample, result = losses(net, x0, draw, kwargs)
+        records.append((draw.levels.clone(), result))
+        return per_sample, result
+    trainer.objective.losses = spy
     trainer.run()
     log = [json.loads(line) for line in open(f"{out}/log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3] and len(records) == 3

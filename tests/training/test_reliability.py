@@ -183,14 +183,14 @@ def _same(a, b):
 
 def _poison_loss(trainer, step, factor):
     """Multiply the per-sample losses of `step` by `factor` (NaN or inf), keeping the graph."""
-    losses = trainer.diffusion.training_losses
+    losses = trainer.objective.losses
 
-    def poisoned(model, x0, t, noise, kwargs):
-        out = losses(model, x0, t, noise, kwargs)
+    def poisoned(net, x0, draw, kwargs):
+        per_sample, out = losses(net, x0, draw, kwargs)
         if trainer.step + 1 == step:
-            out["loss"] = out["loss"] * factor
-        return out
-    trainer.diffusion.training_losses = poisoned
+            per_sample, out["loss"] = per_sample * factor, out["loss"] * factor
+        return per_sample, out
+    trainer.objective.losses = poisoned
 
 
 def test_nonfinite_loss_or_gradient_skips_the_step(workdir, tmp_path):
