@@ -19,6 +19,7 @@ import gaussdiff
 from gaussdiff.training.classifier import load_classifier
 from gaussdiff.sampling.guidance import Guidance
 from gaussdiff.images import save_grid
+import saturation   # bench/saturation.py: the share of pixels >= 250 and the brightness
 
 
 def run(model, classifier, steps="50", num=40, rows=(("adm", 1.0), ("guided", 0.0), ("guided", 1.0),
@@ -35,10 +36,9 @@ def run(model, classifier, steps="50", num=40, rows=(("adm", 1.0), ("guided", 0.
         with torch.no_grad():
             t0 = torch.zeros(num, dtype=torch.long)
             lp = torch.stack([clf.log_prob(x, t0, torch.full((num,), c)) for c in range(clf.num_classes)], 1)
-        u = images / 255.0
         out.append({"clip": mode, "scale": scale, "steps": steps,
                     "accuracy": float((lp.argmax(1).numpy() == np.array(labels)).mean()),
-                    "saturated": float((images >= 250).mean()), "brightness": float(u.mean())})
+                    **saturation.figures(images)})
         if grids:
             save_grid(os.path.join(grids, f"ddim-{mode}-{scale:g}.png"), images, ncols=10)
     return out

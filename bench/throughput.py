@@ -34,7 +34,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import sys
 import time
 
@@ -44,7 +43,7 @@ from torch.utils import flop_counter as fc
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_unet import ReferenceUNet  # noqa: E402
 
-from gaussdiff.training.precision import Autocast  # noqa: E402
+from gaussdiff.training.precision import Autocast, cpu_description  # noqa: E402
 from gaussdiff.diffusion import make_diffusion  # noqa: E402
 from gaussdiff.nn.unet import UNetModel  # noqa: E402
 from gaussdiff.training.presets import get_preset  # noqa: E402
@@ -356,7 +355,7 @@ def main():
     conv_peak = conv1x1_peak_gflops()
     peak = max(mm_peak, conv_peak)   # so that "fraction of peak" stays <= 1
     results = {"batch": args.batch, "repeats": args.repeats, "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "cpu": cpu_description(), "cores": os.cpu_count(),
                "load_average_at_start": os.getloadavg(),
                "matmul_peak_gflops": mm_peak, "onednn_conv1x1_peak_gflops": conv_peak,
                "peak_gflops_used": peak,
@@ -368,17 +367,6 @@ def main():
         results["configs"][c] = bench_config(c, args, peak)
     results["load_average_at_end"] = os.getloadavg()
     print(json.dumps(results, indent=2))
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -29,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G = [sys.executable, "-m", "gaussdiff"]
 EPS, EDM, CLS = "models/fashion-small", "models/fashion-cond-edm", "models/fashion-classifier"
+FEATURE_NET = "models/fashion-feature-net"   # the data classifier behind IS (is_NAME)
 REF = ["--ref", "fashion-mnist", "--ref-split", "test", "--ref-num", "10000"]
 SHIPPED = os.path.join(ROOT, "results", "reference")   # compact FID statistics kept in git
 REF_GLOB = "ref-fashion-mnist-test-inception-10000-*.npz"
@@ -97,16 +97,8 @@ def points(num: int, headline_num: int):
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        name = re.search(r"model name\s*:\s*(.*)", info)
-        cpu = name.group(1) if name else cpu
-        cpu += ", AVX512-BF16" if "avx512_bf16" in info else (", AVX-512" if "avx512f" in info else ", AVX2")
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    from gaussdiff.training.precision import cpu_description
+    return f"{cpu_description()}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
 
 
 def cache_dir() -> str:
@@ -146,14 +138,6 @@ def run(cmd):
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def feature_net(work: str) -> str:
-    """The data classifier behind IS (`is_NAME`): trained once into WORK/fashion-net."""
-    path = os.path.join(work, "fashion-net")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        run(G + ["train-feature-net", "--data", "fashion-mnist", "--out", path, "--no-progress"])
-    return path
-
-
 def do_point(p, out: str, work: str):
     dest = os.path.join(out, p["name"] + ".json")
     if os.path.exists(dest):
@@ -177,7 +161,7 @@ def do_point(p, out: str, work: str):
     sampled = time.time()
     eval_cmd = G + ["eval", samples] + REF + ["--metrics", p["metrics"], "--no-progress"]
     if "is" in p["metrics"].split(","):
-        eval_cmd += ["--feature-net", feature_net(work)]
+        eval_cmd += ["--feature-net", FEATURE_NET]
     result = subprocess.run(eval_cmd, check=True, cwd=ROOT, capture_output=True, text=True)
     record = dict(name=p["name"], tags=p["tags"], num=p["num"], metrics=json.loads(result.stdout)["metrics"],
                   sample_command=" ".join(["gaussdiff"] + sample_cmd[3:]) if p["sample"] else " ".join(sample_cmd),
@@ -198,7 +182,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="run only the points whose name matches this regex")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "repro"))
     ap.add_argument("--work", default=os.path.join(os.environ.get("GAUSSDIFF_CACHE", os.path.expanduser(
-        "~/.cache/gaussdiff")), "repro"), help="samples and the feature net (not committed)")
+        "~/.cache/gaussdiff")), "repro"), help="samples (not committed)")
     ap.add_argument("--list", action="store_true", help="print the points and whether each is done")
     ap.add_argument("--figures", action="store_true", help="only draw the figures and the table")
     ap.add_argument("--ship-reference", action="store_true",

@@ -22,6 +22,9 @@ back to fp32, with a warning, for one it does not, unless forced.
 """
 from __future__ import annotations
 
+import os
+import platform
+import re
 import sys
 from contextlib import contextmanager, nullcontext
 from typing import Dict, Iterable, Optional
@@ -44,6 +47,24 @@ def cpu_supports(precision: str) -> bool:
         return bool(getattr(torch.ops.mkldnn, check)())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_description() -> str:
+    """The CPU as measured numbers name it: "AMD EPYC, AVX2, 2 cores" (model name from
+    /proc/cpuinfo where there is one; the widest vector extension: AVX512-BF16, AVX-512, AVX2)."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        found = re.search(r"model name\s*:\s*(.*)", info)
+        name = found.group(1).strip() if found else name
+        flags = re.search(r"flags\s*:\s*(.*)", info)
+        flags = set(flags.group(1).split()) if flags else set()
+        flags = next((label for flag, label in (("avx512_bf16", ", AVX512-BF16"), ("avx512f", ", AVX-512"),
+                                                ("avx2", ", AVX2")) if flag in flags), "")
+    except OSError:
+        pass
+    return f"{name}{flags}, {os.cpu_count()} cores"
 
 
 def native_bf16(device) -> bool:
