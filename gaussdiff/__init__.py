@@ -7,9 +7,9 @@ _install_moved()   # old module paths (gaussdiff.train, gaussdiff.tools, ...) ke
 from .diffusion import schedules  # noqa: F401
 from .diffusion import GaussianDiffusion, make_diffusion  # noqa: F401
 from .errors import UsageError  # noqa: F401
+from . import modeldir
 
 
 def load(path, **kwargs):
     """Load a model directory (config.json + *.safetensors) as a `Pipeline`."""
-    from .modeldir import load as _load
-    return _load(path, **kwargs)
+    return modeldir.load(path, **kwargs)

@@ -24,13 +24,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import to_model_range, to_uint8
-from .sampling.denoisers import pipeline_denoiser
 from .errors import UsageError
 from .images import make_grid
+from .metrics.evaluate import compute_features
+from .metrics.inception import get_inception
 from .metrics.likelihood import evaluate_nll
 from .modeldir import Pipeline, seed_for
+from .plot import new_figure, save_figure
 from .rng import per_sample_generators, randn_like
+from .sampling.denoisers import pipeline_denoiser
 from .sampling.editing import _device, _discrete_only, _generator_only, label_kwargs
+from .sampling.guidance import Guidance
 
 PIXEL = 127.5   # [-1, 1] -> [0, 255] scale of the RMSE
 
@@ -88,7 +92,6 @@ def rate_distortion(pipe: Pipeline, images: np.ndarray, labels=None, steps=None,
 def plot_rate_distortion(result: dict, out: str):
     """DDPM Fig. 5's three panels: distortion and rate against the reverse step, and distortion
     against rate."""
-    from .plot import new_figure, save_figure
     rows = result["rows"]
     T = rows[0]["t"]
     step = [T - r["t"] for r in rows]
@@ -241,7 +244,6 @@ def progressive(pipe: Pipeline, num: int = 8, steps=None, columns: int = 10, see
 def plot_progressive_quality(result: dict, out: str):
     """The sample-quality metric of x̂_0 (result["metric"], added by `analyze progressive
     --ref`) and the RMSE to the final sample against the reverse step (DDPM Fig. 6's curves)."""
-    from .plot import new_figure, save_figure
     name = result["metric"]["name"]
     rows = [r for r in result["rows"] if r.get(name) is not None]
     T = result["rows"][0]["t"]
@@ -363,7 +365,6 @@ def _features(images: np.ndarray, space: str, network=None, progress: bool = Fal
     if space == "pixel":
         x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float64))
         return x / np.sqrt(x.shape[1])
-    from .metrics.evaluate import compute_features
     return torch.from_numpy(compute_features(network, images, progress=progress)["pool"].astype(np.float64))
 
 
@@ -405,7 +406,6 @@ def nearest_neighbours(samples: np.ndarray, train: np.ndarray, k: int = 5, space
         raise UsageError(f"the samples are {samples.shape[1:]} (HWC), the training images "
                          f"{train.shape[1:]}: they must match")
     if space == "inception" and network is None:
-        from .metrics.inception import get_inception
         network = get_inception()
     feats = {}
     for name, images in (("samples", samples), ("train", train), ("heldout", heldout)):
@@ -429,7 +429,6 @@ def nearest_neighbours(samples: np.ndarray, train: np.ndarray, k: int = 5, space
 
 def plot_nn_distances(result: dict, out: str):
     """Histograms of the nearest-training-image distance of the samples and the held-out images."""
-    from .plot import new_figure, save_figure
     fig, (ax,) = new_figure(1)
     unit = "RMSE, [0, 255]" if result["space"] == "pixel" else "Inception pool3 L2"
     series = [("samples", result["_sample_distances"])]
@@ -468,7 +467,6 @@ def guidance_sweep(pipe: Pipeline, scales: Sequence[float], guide: str = "cfg", 
     pixels of the standard deviation across the rows ([0, 255], a diversity measure) and, with
     a classifier, the share of samples it puts in their row's class (at t = 0); the samples
     under "images" [num, scales, H, W, C] and "grid"."""
-    from .sampling.guidance import Guidance
     if guide not in ("cfg", "classifier"):
         raise UsageError(f"--guide {guide}: cfg or classifier")
     if guide == "classifier" and classifier is None:

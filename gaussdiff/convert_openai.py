@@ -23,7 +23,11 @@ from typing import Dict, Tuple
 
 import torch
 
+from .diffusion.schedules import SCHEDULES, space_timesteps
 from .errors import UsageError
+from .modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, build_model, make_config, save_tensors
+from .nn.encoder import POOLS, EncoderConfig
+from .nn.unet import AttentionBlock, UNetConfig
 
 NUM_CLASSES = 1000   # both codebases: class_cond means the 1000 ImageNet classes
 
@@ -309,7 +313,6 @@ def _channel_mult(args: dict, codebase: str, kind: str, size: int):
 
 def diffusion_section(args: dict) -> dict:
     """gaussdiff's "diffusion" section of create_gaussian_diffusion's arguments."""
-    from .diffusion.schedules import SCHEDULES, space_timesteps
     T = args["diffusion_steps"]
     if T < 1:
         raise UsageError(f"--flags: diffusion_steps must be positive, got {T}")
@@ -339,13 +342,10 @@ def diffusion_section(args: dict) -> dict:
 
 def build_config(args: dict, codebase: str, kind: str) -> dict:
     """config.json of the converted model (without the provenance section)."""
-    from .modeldir import make_config
-    from .nn.unet import UNetConfig
     diffusion = diffusion_section(args)
     T = args["diffusion_steps"]
     scale = 1000.0 / T if args["rescale_timesteps"] else 1.0
     if kind == "classifier":
-        from .nn.encoder import POOLS, EncoderConfig
         if args["classifier_pool"] not in POOLS:
             raise UsageError(f"--flags: classifier_pool {args['classifier_pool']!r}: gaussdiff's "
                              f"EncoderUNetModel has the pools {', '.join(POOLS)}")
@@ -403,7 +403,6 @@ def new_to_legacy_qkv(w: torch.Tensor, heads: int) -> torch.Tensor:
 def convert_state(state: Dict[str, torch.Tensor], model: torch.nn.Module, new_attention_order: bool,
                   path: str) -> Dict[str, torch.Tensor]:
     """The checkpoint's tensors under the model's names, checked key by key and shape by shape."""
-    from .nn.unet import AttentionBlock
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -435,7 +434,6 @@ def convert(ckpt: str, flag_string: str, out_dir: str, codebase: str = "auto",
             log=print) -> dict:
     """Convert `ckpt` described by `flag_string` into the model directory `out_dir`.
     Returns the written config (with a "source" section: codebase, kind, flags read)."""
-    from .modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, build_model, save_tensors
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UsageError(f"--out {out_dir} exists and is not empty: choose a new directory")
     flags = parse_flag_string(flag_string)

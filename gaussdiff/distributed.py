@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .errors import UsageError
 
@@ -63,7 +64,6 @@ def env_info() -> DistInfo:
 
 def current() -> DistInfo:
     """The running process group's DistInfo (single process when none was started)."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), env_info().local_rank)
     return SINGLE
@@ -74,7 +74,6 @@ def setup(device: Optional[str] = None):
 
     device: what the user asked for (None: cuda when available, else cpu). Under torchrun a
     CUDA device becomes cuda:LOCAL_RANK, one GPU per process."""
-    import torch.distributed as dist
     info = env_info()
     if device is None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,13 +93,11 @@ def setup(device: Optional[str] = None):
 
 
 def cleanup():
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier():
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -118,7 +115,6 @@ def rank_seed(seed: int, step: int, rank: int) -> int:
 def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Concatenate a tensor [n_r, ...] of every rank along dim 0, in rank order (the sizes
     may differ between ranks)."""
-    import torch.distributed as dist
     if not info.enabled:
         return t
     sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(info.world_size)]

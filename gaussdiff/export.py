@@ -30,7 +30,8 @@ from typing import List
 import torch
 
 from .errors import UsageError
-from .modeldir import num_timesteps
+from .modeldir import atomic_write_bytes, load, num_timesteps, read_config
+from .training.classifier import load_classifier
 
 
 class PositionalModel(torch.nn.Module):
@@ -68,13 +69,10 @@ def example_inputs(config: dict, batch: int = 2, seed: int = 0):
 def export_torchscript(model_dir: str, out: str, ema="auto") -> str:
     """Trace the network of `model_dir` (a diffusion model or a noisy classifier) on CPU in
     float32 and write it, with its config.json, as a TorchScript file `out` (atomically)."""
-    from .modeldir import atomic_write_bytes, read_config
     cfg = read_config(model_dir)
     if cfg.get("kind") == "classifier":
-        from .training.classifier import load_classifier
         model = load_classifier(model_dir, device="cpu", ema=ema).model
     else:
-        from .modeldir import load
         pipe = load(model_dir, device="cpu", ema=ema)
         # σ-space: the denoiser D(x; σ); the bare network would take c_noise, not σ
         model = pipe.denoiser if cfg.get("precond") else pipe.model

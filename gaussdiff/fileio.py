@@ -7,6 +7,8 @@ import os
 import tempfile
 from typing import Optional
 
+from safetensors.torch import load_file, save
+
 from .errors import UsageError
 
 
@@ -52,13 +54,11 @@ def atomic_write_json(path: str, obj):
 
 
 def save_tensors(path: str, tensors: dict, metadata: Optional[dict] = None):
-    from safetensors.torch import save
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def load_tensors(path: str) -> dict:
-    from safetensors.torch import load_file
     try:
         return load_file(path)
     except FileNotFoundError:

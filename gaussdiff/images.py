@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from .modeldir import atomic_write_bytes
 
@@ -27,7 +28,6 @@ def make_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 2, sca
 
 def save_png(path: str, image: np.ndarray):
     """Write uint8 [H, W, C] (C = 1 or 3) as PNG, atomically."""
-    from PIL import Image
     im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     buf = io.BytesIO()
     im.save(buf, format="PNG")

@@ -5,6 +5,7 @@ Nothing here unpickles anything: weights are safetensors, the config is JSON.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -14,15 +15,23 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .version import __version__
+from .data import to_uint8
+from .diffusion.precond import make_precond
 from .diffusion.process import FIXED_VAR_TYPES, GaussianDiffusion, make_diffusion
+from .diffusion.schedules import SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas, vp_sigmas
 from .errors import UsageError
-from .nn.unet import UNetConfig, UNetModel
-from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
 from .fileio import (atomic_write_bytes, atomic_write_json, check_output_file,  # noqa: F401 (re-export)
                      load_tensors, save_tensors)
-from .validate import DIFFUSION_KEYS, DIFFUSION_OPTIONAL, check_sampling_numbers  # noqa: F401
+from .nn.encoder import EncoderConfig, EncoderUNetModel
+from .nn.unet import SuperResModel, UNetConfig, UNetModel
+from .rng import per_sample_generators
+from .sampling.denoisers import ClipDenoised, pipeline_denoiser
+from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, NFECounter, get_spec  # noqa: F401 (SAMPLER_NAMES: re-export)
+from .training.precision import autocast_forward
+from .validate import DIFFUSION_KEYS, DIFFUSION_OPTIONAL, check_config, check_sampling_numbers  # noqa: F401
+from .version import __version__
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -75,8 +84,7 @@ def read_config(path: str) -> dict:
     for key in ("model", "data") + (() if cfg.get("precond") is not None else ("diffusion",)):
         if not isinstance(cfg.get(key), dict):
             raise UsageError(f"{cfg_path}: missing section {key!r}")
-    from .validate import check_config   # types and ranges, before anything is built from them
-    check_config(cfg, cfg_path)
+    check_config(cfg, cfg_path)   # types and ranges, before anything is built from them
     return cfg
 
 
@@ -84,9 +92,7 @@ def build_model(cfg: dict) -> torch.nn.Module:
     """The network of a config: a UNetModel, a SuperResModel (a "task" section of type
     "upsample") or, for a classifier directory ("kind": "classifier"), an EncoderUNetModel."""
     if cfg.get("kind") == "classifier":
-        from .nn.encoder import EncoderConfig, EncoderUNetModel
         return EncoderUNetModel(EncoderConfig.from_dict(cfg["model"]))
-    from .nn.unet import SuperResModel
     upsample = task_of(cfg)["type"] == "upsample"
     return (SuperResModel if upsample else UNetModel)(UNetConfig.from_dict(cfg["model"]))
 
@@ -188,9 +194,6 @@ class Pipeline:
         table (discrete-time models) or of iDDPM's cosine. rho applies to karras, sigma_min and
         sigma_max to karras and ve.
         """
-        from .sampling.denoisers import pipeline_denoiser
-        from .diffusion.schedules import (SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas,
-                                          vp_sigmas)
         if schedule not in SIGMA_SCHEDULES:
             raise UsageError(f"unknown σ schedule {schedule!r}: choose one of {', '.join(SIGMA_SCHEDULES)}")
         if rho is not None and schedule != "karras":
@@ -247,10 +250,6 @@ class Pipeline:
         (β̃_t) or "fixed_large" (β_t); see `respaced`.
         Image i depends only on (seed, start_index + i), never on the batch size.
         """
-        from tqdm.auto import tqdm
-        from .training.precision import autocast_forward
-        from .data import to_uint8
-        from .rng import per_sample_generators
         options = dict(eta=eta, churn=churn, tmin=tmin, tmax=tmax, snoise=snoise, rtol=rtol, atol=atol)
         check_sampling_numbers(rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, **options)
         options = {k: v for k, v in options.items() if v is not None}
@@ -328,8 +327,6 @@ class Pipeline:
     def _sigma_sampler(self, sampler, steps, options, sigma_schedule, rho, sigma_min, sigma_max,
                        quantize, clip_denoised, state_dtype, guidance=None):
         """(run(noise, model_kwargs, generators, stats) -> x, number of steps) of a σ-space sampler."""
-        import inspect
-        from .sampling.denoisers import ClipDenoised, pipeline_denoiser
         if sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_NAMES)}")
         fn = SAMPLERS[sampler]
@@ -393,7 +390,6 @@ def load(path: str, device=None, ema: Optional[str] = "auto") -> Pipeline:
     model.to(device or default_device()).eval()
     denoiser = None
     if cfg.get("precond"):   # σ-space objective: rebuild D(x; σ) around the network
-        from .diffusion.precond import make_precond
         denoiser = make_precond(cfg["precond"], model).eval()
     diffusion = None if denoiser is not None else make_diffusion(**cfg["diffusion"])
     return Pipeline(model, diffusion, cfg, path, denoiser)

@@ -25,9 +25,16 @@ import time
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
 
+import gaussdiff
+from .data import first_images, load_images
+from .diffusion.schedules import karras_sigmas
 from .errors import UsageError
-from .modeldir import num_timesteps
+from .metrics.classifier import load_feature_net
+from .metrics.evaluate import CACHE_ENV, METRICS, evaluate, images_sha1, needs_networks, parse_metrics
+from .modeldir import atomic_write_bytes, atomic_write_json, num_timesteps, read_config, weights_path
+from .plot import new_figure, save_figure
 from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
 
 META_KEY = "gaussdiff_sweep"
@@ -56,8 +63,6 @@ def check_sampler_steps(sampler: str, steps: int, T: Optional[int], sigma_space:
 def measure_nfe_formula(sampler: str) -> Tuple[int, int]:
     """(a, b) with NFE = a·N + b of a σ-space sampler, counted with a stub denoiser at N = 1, 2,
     3 (karras levels); a UsageError if the count does not grow linearly with N."""
-    import torch
-    from .diffusion.schedules import karras_sigmas
     counts = []
     for n in (1, 2, 3):
         stats: dict = {}
@@ -143,7 +148,6 @@ def read_samples(path: str, settings: dict) -> Optional[dict]:
 
 def write_samples(path: str, images, labels, meta: dict):
     """ADM layout (arr_0 images, arr_1 labels) plus the point's metadata, atomically."""
-    from .modeldir import atomic_write_bytes
     arrays = {"arr_0": images} | ({"arr_1": labels} if labels is not None else {})
     buf = io.BytesIO()
     np.savez(buf, **arrays, **{META_KEY: np.array(json.dumps(meta))})
@@ -162,7 +166,6 @@ def csv_rows(points) -> list:
 
 def write_results(out_dir: str, state: dict):
     """sweep.json, then sweep.csv (a view of it), each atomically."""
-    from .modeldir import atomic_write_bytes, atomic_write_json
     atomic_write_json(os.path.join(out_dir, STATE_NAME), state)
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
@@ -190,7 +193,6 @@ def _legend_label(sampler: str) -> str:
 def plot_sweep(points, out: str, title: str = ""):
     """Each metric against NFE (log x axis), one line per sampler, one panel per metric. Points
     sit at the NFE a sampler actually used (heun cannot make an even NFE: its legend says so)."""
-    from .plot import new_figure, save_figure
     rows = csv_rows(points)
     metrics = sorted({r["metric"] for r in rows})
     fig, axes = new_figure(len(metrics))
@@ -228,7 +230,6 @@ def run_sweep(pipe, grid, reference, reference_name: str, metrics, out_dir: str,
     {"samples": {..., "num"}, ...}; an .npz is reused when its settings equal "samples" plus
     its sampler and steps, the scores when all of `settings` equal sweep.json's.
     `reference`: uint8 NHWC images; `metrics`: names of metrics.evaluate. Returns the points."""
-    from .metrics.evaluate import evaluate
     state_path = os.path.join(out_dir, STATE_NAME)
     try:
         with open(state_path) as f:
@@ -272,7 +273,6 @@ def run_sweep(pipe, grid, reference, reference_name: str, metrics, out_dir: str,
 
 # ------------------------------------------------------------------------------ CLI
 def add_sweep_parser(sub):
-    from .metrics.evaluate import CACHE_ENV, METRICS
     p = sub.add_parser(
         "sweep", help="a sample-quality metric against the number of network evaluations",
         description="For each sampler and NFE target: sample --num images with the step count "
@@ -311,10 +311,6 @@ def _parse_list(text: str, flag: str) -> list:
 
 
 def cmd_sweep(args):
-    import gaussdiff
-    from .cli.common import _first, _load_images
-    from .metrics.evaluate import needs_networks, parse_metrics
-    from .modeldir import read_config, weights_path
     metrics = parse_metrics(args.metric)
     samplers = _parse_list(args.samplers, "--samplers")
     nfes = []
@@ -337,14 +333,12 @@ def cmd_sweep(args):
         raise UsageError(f"--out {args.out}: not a directory")
     net = None
     if args.feature_net:
-        from .metrics.classifier import load_feature_net
         net = load_feature_net(args.feature_net, args.device)
         net.path = os.path.abspath(args.feature_net)
-    reference = _load_images(args.ref, args.ref_split)
-    reference = _first(reference, args.ref_num if args.ref_num is not None else min(args.num, len(reference)),
-                       args.ref, "--ref-num")
+    reference = load_images(args.ref, args.ref_split)
+    ref_num = args.ref_num if args.ref_num is not None else min(args.num, len(reference))
+    reference = first_images(reference, ref_num, args.ref, "--ref-num")
     pipe = gaussdiff.load(args.model, device=args.device, ema=None if args.ema == "raw" else args.ema)
-    from .metrics.evaluate import images_sha1
     weights = weights_path(args.model, config, None if args.ema == "raw" else args.ema)
     settings = dict(samples=dict(model=os.path.abspath(args.model), weights_sha1=file_sha1(weights),
                                  seed=args.seed, num=args.num),

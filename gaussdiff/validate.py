@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import math
 
+import torch.nn as nn
+
+from .diffusion.precond import make_precond
+from .diffusion.process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, make_diffusion
+from .diffusion.schedules import SCHEDULES
 from .errors import UsageError
+from .nn.encoder import EncoderConfig
+from .nn.unet import UNetConfig
 
 # The keys of a config.json "diffusion" section, and the defaults of the optional ones.
 DIFFUSION_KEYS = ("schedule", "steps", "mean_type", "var_type", "loss_type", "hybrid_lambda",
@@ -35,11 +42,9 @@ def _describe(v) -> str:
 def check_model_section(section, where: str, classifier: bool = False):
     """Build-check the "model" section: UNetConfig.from_dict's type and range checks
     (EncoderConfig's for a classifier directory)."""
-    from .nn.unet import UNetConfig
-    if classifier:
-        from .nn.encoder import EncoderConfig as UNetConfig   # noqa: N814
+    config_class = EncoderConfig if classifier else UNetConfig
     try:
-        return UNetConfig.from_dict(section)
+        return config_class.from_dict(section)
     except UsageError as e:
         raise UsageError(f"{where}: \"model\" section: {e}") from None
 
@@ -47,8 +52,6 @@ def check_model_section(section, where: str, classifier: bool = False):
 def check_diffusion_section(section, where: str, schedule_only: bool = False):
     """Types and choices of the "diffusion" section, then a trial make_diffusion. schedule_only:
     a noisy classifier's section, which needs only the noise schedule (schedule and steps)."""
-    from .diffusion.process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, make_diffusion
-    from .diffusion.schedules import SCHEDULES
     unknown = sorted(set(section) - set(DIFFUSION_KEYS))
     if unknown:
         raise UsageError(f"{where}: \"diffusion\" section: unknown keys {', '.join(map(str, unknown))}")
@@ -98,8 +101,6 @@ def check_data_section(section, model_section: dict, where: str):
 
 
 def check_precond_section(section, where: str):
-    import torch.nn as nn
-    from .diffusion.precond import make_precond
     if not isinstance(section, dict):
         raise UsageError(f"{where}: \"precond\" section must be an object")
     for key, value in section.items():

@@ -8,20 +8,44 @@ export-torchscript), analyze.py (analyze); common.py: the shared argument helper
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import shutil
 import sys
 
+import torch
+
+import gaussdiff
+from .analyze import add_analyze_parser
 from .common import _bool
+from ..diffusion.precond import OBJECTIVES
+from ..diffusion.process import FIXED_VAR_TYPES, LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ..diffusion.schedules import SCHEDULES, SIGMA_SCHEDULES
+from ..diffusion.timesteps import SCHEDULE_SAMPLERS
+from ..distributed import all_gather_cat, cleanup, setup, shard
 from ..errors import UsageError
+from ..images import save_grid, save_npz
+from .interop import add_interop_parsers
+from .metrics import add_metrics_parsers
+from ..modeldir import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, check_output_file, read_config,
+                        save_tensors, weights_path)
+from ..plot import plot_log
+from ..sampling.ensemble import ENSEMBLE_HELP, load_model_or_ensemble
+from ..sampling.samplers import get_spec, sampler_help
+from ..sampling.sharded import finish, sample_in_shards
+from .tools import add_guidance_arguments, add_tools_parsers, guidance_from_args, sample_cascade
+from ..training.batch_size import autotune_batch_size
+from ..training.classifier import load_classifier
+from ..training.evaluation import inherit_eval_options
+from ..training.precision import resolve_precision
+from ..training.presets import PRESETS, get_preset
+from ..training.trainer import DEFAULTS, Trainer
+from ..version import __version__
 
 
 # ------------------------------------------------------------------------------------- train
 def add_train_parser(sub):
-    from ..diffusion.process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
-    from ..diffusion.precond import OBJECTIVES
-    from ..training.presets import PRESETS
-    from ..diffusion.timesteps import SCHEDULE_SAMPLERS
-    from ..diffusion.schedules import SCHEDULES
     p = sub.add_parser("train", help="train a diffusion model",
                        description="Train a diffusion model. A --preset fills the options; any "
                                    "flag given overrides it. Defaults are listed in "
@@ -153,16 +177,12 @@ def add_train_parser(sub):
 
 
 def cmd_train(args):
-    from ..distributed import cleanup, setup
-    from ..training.presets import get_preset
-    from ..training.trainer import DEFAULTS, Trainer
     opts = dict(DEFAULTS)
     if args.preset:
         opts.update(get_preset(args.preset))
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     opts.update(given)
     if args.resume:   # the run's --eval-* options, unless given again
-        from ..training.evaluation import inherit_eval_options
         inherit_eval_options(opts, given, args.out)
     dist, device = setup(args.device)   # torchrun: a process group; else one process
     created = not os.path.exists(args.out)
@@ -172,7 +192,6 @@ def cmd_train(args):
                               progress=not args.no_progress, dist=dist)
         except BaseException:   # a set-up error leaves no empty run directory behind
             if created and dist.is_main and os.path.isdir(args.out):
-                import shutil
                 shutil.rmtree(args.out, ignore_errors=True)
             raise
         trainer.run()
@@ -184,12 +203,9 @@ def cmd_train(args):
 
 # ------------------------------------------------------------------------------------- sample
 def add_sample_parser(sub):
-    from ..diffusion.process import FIXED_VAR_TYPES
-    from ..diffusion.schedules import SIGMA_SCHEDULES
     p = sub.add_parser("sample", help="draw images from a model directory")
     a = p.add_argument
     a("model", nargs="?", help="model or run directory (config.json + *.safetensors)")
-    from ..sampling.ensemble import ENSEMBLE_HELP
     a("--ensemble", metavar="MODEL_A:MODEL_B:K", help=ENSEMBLE_HELP)
     a("--cascade", nargs=2, metavar=("BASE_DIR", "UPSAMPLER_DIR"),
       help="instead of MODEL: sample the base model, then refine its images with the upsampler "
@@ -198,7 +214,6 @@ def add_sample_parser(sub):
     a("--num", "--num-samples", dest="num", type=int, default=64,
       help="number of images (64); under torchrun write --num-samples (torchrun itself takes "
            "--num as an abbreviation of its --numa-binding)")
-    from ..sampling.samplers import sampler_help
     a("--sampler", default="ddim", help=f"{sampler_help()} (default ddim)")
     a("--steps", default="50", help="ddpm, ddim: respacing: 250, ddim50, or per-section counts like "
                                     "10,15,20; σ-space samplers: the number of steps N (50)")
@@ -225,7 +240,6 @@ def add_sample_parser(sub):
     a("--grid", help="write a PNG grid")
     a("--device")
     a("--no-progress", action="store_true")
-    from .tools import add_guidance_arguments
     add_guidance_arguments(p)
     g = p.add_argument_group("σ-space samplers (EDM, Karras et al. 2022)")
     g.add_argument("--schedule", choices=SIGMA_SCHEDULES,
@@ -258,8 +272,6 @@ def _batch_size(text: str):
 
 
 def cmd_sample(args):
-    from ..distributed import cleanup, setup
-    from ..sampling.samplers import get_spec
     if args.num < 1 or (args.batch_size != "auto" and args.batch_size < 1) or args.shard_size < 1:
         raise UsageError("--num, --batch-size and --shard-size must be positive")
     get_spec(args.sampler)
@@ -268,7 +280,6 @@ def cmd_sample(args):
     if [args.model, args.cascade, args.ensemble].count(None) != 2:
         raise UsageError("give a MODEL directory, --ensemble MODEL_A:MODEL_B:K or --cascade "
                          "BASE_DIR UPSAMPLER_DIR (one of them)")
-    from ..modeldir import check_output_file
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
         if path:
             check_output_file(path, flag)
@@ -282,10 +293,6 @@ def cmd_sample(args):
 
 
 def _sample(args, dist, device):
-    import torch
-    from ..distributed import all_gather_cat, shard
-    from .tools import guidance_from_args, sample_cascade
-    from ..images import save_grid, save_npz
     guidance = guidance_from_args(args, device)
     if args.cascade:
         if args.var_type:
@@ -293,12 +300,10 @@ def _sample(args, dist, device):
         if dist.enabled:
             raise UsageError("--cascade runs in one process (not under torchrun)")
         return sample_cascade(args, device, guidance)
-    from ..sampling.ensemble import load_model_or_ensemble
     pipe = load_model_or_ensemble(args.model, args.ensemble, device=device,
                                   ema=None if args.ema == "raw" else args.ema)
     if args.channels_last:
         pipe.model.to(memory_format=torch.channels_last)
-    from ..training.precision import resolve_precision
     precision = resolve_precision(args.precision, device, args.force_precision, "sampling")
     steps = int(args.steps) if args.steps.isdigit() else args.steps
     labels = None
@@ -314,7 +319,6 @@ def _sample(args, dist, device):
     count = part.stop - part.start
     batch_size = args.batch_size
     if batch_size == "auto":
-        from ..training.batch_size import autotune_batch_size
         batch_size = autotune_batch_size(pipe, count)
         if dist.is_main:
             print(f"--batch-size auto: {batch_size}")
@@ -331,7 +335,6 @@ def _sample(args, dist, device):
                            precision=precision, var_type=args.var_type)
     sharded = bool(args.out) and not dist.enabled and args.num > args.shard_size
     if sharded:
-        from ..sampling.sharded import sample_in_shards
         images, y = sample_in_shards(args, draw, stats)
     else:
         images, y = draw(part.start, part.stop, not args.no_progress and dist.is_main)
@@ -351,7 +354,6 @@ def _sample(args, dist, device):
     if args.out:
         print(f"wrote {save_npz(args.out, images, y)} ({len(images)} images)")
         if sharded:
-            from ..sampling.sharded import finish
             finish(args)
 
 
@@ -365,11 +367,8 @@ def add_export_parser(sub):
 
 
 def cmd_export(args):
-    import gaussdiff
-    from ..modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, read_config, save_tensors
     ema = None if args.ema == "raw" else args.ema
     if read_config(args.run).get("kind") == "classifier":   # a noisy classifier's run
-        from ..training.classifier import load_classifier
         pipe = load_classifier(args.run, device="cpu", ema=ema)
     else:
         pipe = gaussdiff.load(args.run, device="cpu", ema=ema)
@@ -390,8 +389,6 @@ def ema_init_share_warning(run: str, cfg: dict, ema) -> str:
     """A warning when the exported EMA still holds more than 1% of the random initial
     weights (r^steps, without --ema-warmup): the exported model would be partly untrained.
     cfg: the run's config.json."""
-    import json
-    from ..modeldir import weights_path
     path = weights_path(run, cfg, ema)
     name = os.path.basename(path)
     if not name.startswith("ema_") or not os.path.exists(os.path.join(run, "state.json")):
@@ -404,7 +401,6 @@ def ema_init_share_warning(run: str, cfg: dict, ema) -> str:
     share = rate ** steps
     if share <= 0.01:
         return ""
-    import math
     needed = math.ceil(math.log(0.01) / math.log(rate))
     return (f"warning: the EMA {rate:g} of step {steps} still holds {share:.0%} of the random "
             f"initial weights ({rate:g}^{steps}); train to step {needed:,} for 1%, export "
@@ -420,29 +416,23 @@ def add_plot_parser(sub):
 
 
 def cmd_plot(args):
-    from ..plot import plot_log
     plot_log(args.run, args.out)
     print(f"wrote {args.out}")
 
 
 # ------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from ..version import __version__
     parser = argparse.ArgumentParser(prog="gaussdiff", description="Gaussian diffusion image models")
     parser.add_argument("--version", action="version", version=f"gaussdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_sample_parser(sub)
     add_export_parser(sub)
-    from .metrics import add_metrics_parsers   # eval, nll, train-feature-net
-    add_metrics_parsers(sub)
-    from .tools import add_tools_parsers   # train-classifier, invert, interpolate, inpaint
-    add_tools_parsers(sub)
-    from .interop import add_interop_parsers   # convert-openai, dataset, export-torchscript
-    add_interop_parsers(sub)
+    add_metrics_parsers(sub)   # eval, nll, train-feature-net
+    add_tools_parsers(sub)   # train-classifier, invert, interpolate, inpaint
+    add_interop_parsers(sub)   # convert-openai, dataset, export-torchscript
     add_plot_parser(sub)
-    from .analyze import add_analyze_parser   # rate-distortion, noise-levels, progressive, ...
-    add_analyze_parser(sub)
+    add_analyze_parser(sub)   # rate-distortion, noise-levels, progressive, ...
     return parser
 
 

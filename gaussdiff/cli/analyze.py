@@ -12,11 +12,14 @@ import json
 import numpy as np
 
 from .. import analyze
-from .tools import _add_model_arguments, _load, _steps
 from ..data import load_dataset
 from ..errors import UsageError
 from ..images import save_png
+from ..metrics.classifier import load_feature_net
+from ..metrics.evaluate import evaluate
 from ..modeldir import atomic_write_bytes, check_output_file
+from .tools import _add_model_arguments, _load, _steps
+from ..training.classifier import load_classifier
 from ..training.trainer import parse_floats, parse_ints
 
 
@@ -186,7 +189,6 @@ def cmd_noise_levels(args):
 
 
 def cmd_progressive(args):
-    from ..metrics.evaluate import evaluate
     stem = _outputs(args.out)
     if args.ref is not None:
         check_output_file(stem + ".quality.png", "--out")
@@ -200,7 +202,6 @@ def cmd_progressive(args):
     if args.ref is not None:
         reference = load_dataset(args.ref, args.ref_split).images
         if args.feature_net:
-            from ..metrics.classifier import load_feature_net
             net = load_feature_net(args.feature_net)
     result = analyze.progressive(pipe, args.num, _steps_or_none(args.steps), args.columns, args.seed,
                                  labels, progress=not args.no_progress, show=args.show)
@@ -280,7 +281,6 @@ def cmd_guidance_sweep(args):
     pipe = _load(args)
     classifier = None
     if args.classifier:
-        from ..training.classifier import load_classifier
         classifier = load_classifier(args.classifier, device=next(pipe.model.parameters()).device)
     labels = None if args.labels is None else parse_ints(args.labels, "labels")
     result = analyze.guidance_sweep(pipe, parse_floats(args.scales, "scales"), args.guide, classifier,

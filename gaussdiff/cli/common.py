@@ -1,11 +1,10 @@
-"""Argument helpers shared by the command modules (cli, cli.tools, cli.metrics, sweep, ...):
-parsing and reading what several commands take alike."""
+"""Argument helpers shared by the command modules (cli, cli.tools, ...): parsing what several
+commands take alike. Reading their images (`load_images`, `first_images`) is gaussdiff.data's,
+so that sweep.py, a library module, has it without importing the cli package (an import circle:
+cli -> cli.metrics -> sweep -> cli)."""
 from __future__ import annotations
 
 import argparse
-
-from ..data import load_dataset
-from ..errors import UsageError
 
 
 def _bool(text: str) -> bool:
@@ -15,18 +14,3 @@ def _bool(text: str) -> bool:
     if t in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _load_images(spec: str, split: str):
-    """uint8 NHWC images of an .npz, an image folder or a named dataset."""
-    return load_dataset(spec, split).images
-
-
-def _first(images, num, what, flag):
-    if num is None:
-        return images
-    if num < 1:
-        raise UsageError(f"{flag} must be positive")
-    if num > len(images):
-        raise UsageError(f"{flag} {num}: {what} has only {len(images)} images")
-    return images[:num]

@@ -2,15 +2,20 @@
 `export-torchscript`."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
+import numpy as np
+
+from ..convert_openai import CODEBASES, README, convert
+from ..data import ImageDataset, NoLabelsError, load_dataset, read_idx
+from ..data.edm import write_edm
 from ..errors import UsageError
+from ..export import export_torchscript
 
 
 def add_interop_parsers(sub):
-    import argparse
-    from ..convert_openai import CODEBASES, README
     p = sub.add_parser(
         "convert-openai", help="import an improved-diffusion / guided-diffusion checkpoint",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=README,
@@ -57,13 +62,10 @@ def add_interop_parsers(sub):
 
 
 def cmd_convert_openai(args):
-    from ..convert_openai import convert
     convert(args.checkpoint, args.flags, args.out, args.codebase)
 
 
 def _read_idx_pair(images_path: str, labels_path):
-    import numpy as np
-    from ..data import ImageDataset, read_idx
     images = read_idx(images_path)
     if images.ndim == 3:
         images = images[..., None]
@@ -81,7 +83,6 @@ def _read_idx_pair(images_path: str, labels_path):
 
 def load_for_conversion(args):
     """The dataset of `gaussdiff dataset`, labels as --class-cond says."""
-    from ..data import NoLabelsError, load_dataset
     src = args.source
     if os.path.isfile(src) and not src.lower().endswith((".npz", ".zip")):
         ds = _read_idx_pair(src, args.labels)   # an IDX images file (+ --labels)
@@ -113,7 +114,6 @@ def load_for_conversion(args):
 
 
 def cmd_dataset(args):
-    from ..data.edm import write_edm
     if os.path.exists(args.out):
         raise UsageError(f"--out {args.out} already exists: choose a new path")
     ds = load_for_conversion(args)
@@ -127,6 +127,5 @@ def cmd_dataset(args):
 
 
 def cmd_export_torchscript(args):
-    from ..export import export_torchscript
     export_torchscript(args.model, args.out, None if args.ema == "raw" else args.ema)
     print(f"wrote {args.out}")

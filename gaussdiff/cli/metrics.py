@@ -5,8 +5,16 @@ import json
 import os
 import sys
 
-from .common import _first, _load_images  # noqa: F401 (used by the commands below)
+from ..data import first_images, load_dataset, load_images
+from ..distributed import cleanup, setup
 from ..errors import UsageError
+from ..metrics.classifier import accuracy, load_feature_net, save_feature_net, train_feature_classifier
+from ..metrics.evaluate import CACHE_ENV, METRICS, evaluate, parse_metrics
+from ..metrics.likelihood import evaluate_nll
+from ..metrics.ode_likelihood import evaluate_ode_nll
+from ..modeldir import atomic_write_bytes
+from ..sampling.ensemble import ENSEMBLE_HELP, load_model_or_ensemble
+from ..sweep import add_sweep_parser
 
 
 def _check_out(path):
@@ -18,14 +26,12 @@ def _write_json(obj, out):
     text = json.dumps(obj, indent=2) + "\n"
     sys.stdout.write(text)
     if out:
-        from ..modeldir import atomic_write_bytes
         atomic_write_bytes(out, text.encode())
         print(f"wrote {out}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- eval
 def add_eval_parser(sub):
-    from ..metrics.evaluate import CACHE_ENV, METRICS
     p = sub.add_parser(
         "eval", help="sample-quality metrics (FID, sFID, KID, precision/recall, IS/FD of a data classifier)",
         description="Compare generated images with a reference set. fid, sfid and (by default) kid, "
@@ -59,7 +65,6 @@ def add_eval_parser(sub):
 
 def cmd_eval(args):
     """Under torchrun the ranks share the feature extraction; rank 0 writes the JSON."""
-    from ..distributed import cleanup, setup
     dist, device = setup(args.device)
     try:
         _eval(args, dist, device)
@@ -68,20 +73,18 @@ def cmd_eval(args):
 
 
 def _eval(args, dist, device):
-    from ..metrics.evaluate import evaluate, parse_metrics
     metrics = parse_metrics(args.metrics)
     _check_out(args.out)
     if args.batch_size < 1 or args.kid_subsets < 1 or args.kid_subset_size < 2 or args.is_splits < 1:
         raise UsageError("--batch-size, --kid-subsets and --is-splits must be positive, --kid-subset-size >= 2")
     net = None
     if args.feature_net:
-        from ..metrics.classifier import load_feature_net
         net = load_feature_net(args.feature_net, device)
         net.path = os.path.abspath(args.feature_net)
-    samples = _first(_load_images(args.samples, "train"), args.num, args.samples, "--num")
-    reference = _load_images(args.ref, args.ref_split)
+    samples = first_images(load_images(args.samples, "train"), args.num, args.samples, "--num")
+    reference = load_images(args.ref, args.ref_split)
     ref_num = args.ref_num if args.ref_num is not None else min(len(samples), len(reference))
-    reference = _first(reference, ref_num, args.ref, "--ref-num")
+    reference = first_images(reference, ref_num, args.ref, "--ref-num")
     name = args.ref if not os.path.exists(args.ref) else os.path.basename(os.path.normpath(args.ref))
     result = evaluate(samples, reference, metrics, reference_name=f"{name}-{args.ref_split}",
                       space=args.space, feature_net=net, cache_dir=args.cache_dir,
@@ -104,7 +107,6 @@ def add_nll_parser(sub):
     a = p.add_argument
     a("model", nargs="?", help="model or run directory (config.json + *.safetensors); omit it "
                                "with --ensemble")
-    from ..sampling.ensemble import ENSEMBLE_HELP
     a("--ensemble", metavar="MODEL_A:MODEL_B:K", help=ENSEMBLE_HELP)
     a("--data", default="fashion-mnist", help="dataset: fashion-mnist[:DIR], an .npz, an image folder")
     a("--split", default="test", choices=("train", "test"), help="split of a named dataset (test)")
@@ -166,9 +168,6 @@ def _nll_ode_options(args) -> dict:
 
 
 def cmd_nll(args):
-    from ..data import load_dataset
-    from ..sampling.ensemble import load_model_or_ensemble
-    from ..metrics.likelihood import evaluate_nll
     _check_out(args.out)
     ode = _nll_ode_options(args)
     pipe = load_model_or_ensemble(args.model, args.ensemble, device=args.device,
@@ -176,10 +175,9 @@ def cmd_nll(args):
     C, H, _ = pipe.image_shape
     data = load_dataset(args.data, args.split, channels=C, image_size=H,
                         class_cond=pipe.num_classes is not None)
-    images = _first(data.images, args.num, args.data, "--num")
+    images = first_images(data.images, args.num, args.data, "--num")
     labels = None if data.labels is None else data.labels[:len(images)]
     if args.ode:
-        from ..metrics.ode_likelihood import evaluate_ode_nll
         result = evaluate_ode_nll(pipe, images, labels, batch_size=args.batch_size, seed=args.seed,
                                   progress=not args.no_progress, **ode)
     else:
@@ -194,7 +192,6 @@ def cmd_nll(args):
     result = {**which, "data": args.data, "split": args.split, "seed": args.seed,
               "steps": args.steps, "method": "ode" if args.ode else "vlb", **result}
     if args.out:   # the whole record (per step, per image) to the file; a summary to stdout
-        from ..modeldir import atomic_write_bytes
         atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     summary = {k: v for k, v in result.items() if k not in ("per_step", "per_image")}
     if isinstance(summary.get("nfe"), dict):
@@ -229,8 +226,6 @@ def add_train_feature_net_parser(sub):
 
 
 def cmd_train_feature_net(args):
-    from ..data import load_dataset
-    from ..metrics.classifier import accuracy, save_feature_net, train_feature_classifier
     data = load_dataset(args.data, "train", class_cond=True)
     named = args.data.startswith("fashion-mnist") or (
         os.path.isdir(args.data) and any("idx3-ubyte" in f for f in os.listdir(args.data)))
@@ -250,5 +245,4 @@ def add_metrics_parsers(sub):
     add_eval_parser(sub)
     add_nll_parser(sub)
     add_train_feature_net_parser(sub)
-    from ..sweep import add_sweep_parser   # metric against NFE, per sampler
-    add_sweep_parser(sub)
+    add_sweep_parser(sub)   # metric against NFE, per sampler

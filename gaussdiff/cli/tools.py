@@ -3,12 +3,23 @@ gaussdiff.sampling.editing: `gaussdiff train-classifier`, `invert`, `interpolate
 and the guidance and cascade options of `gaussdiff sample`."""
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 
+import gaussdiff
 from .common import _bool
+from ..data import read_image
 from ..errors import UsageError
+from ..images import make_grid, save_grid, save_npz, save_png
+from ..modeldir import atomic_write_bytes
+from ..nn.encoder import POOLS
+from ..sampling.editing import cascade, inpaint, interpolate, invert, reconstruct, reconstruction_error
+from ..sampling.guidance import GRAD_AT, TEMPERATURE_MODES, Guidance
+from ..sampling.samplers import SAMPLERS
+from ..training.classifier import CLASSIFIER_DEFAULTS, ClassifierTrainer, load_classifier, schedule_of
+from ..training.trainer import parse_floats, parse_ints
 
 
 def _check_out_dir(*paths):
@@ -18,13 +29,11 @@ def _check_out_dir(*paths):
 
 
 def _parse_ints(text, what):
-    from ..training.trainer import parse_ints
     return parse_ints(text, what) if text is not None else None
 
 
 # ------------------------------------------------------------------------------- guidance
 def add_guidance_arguments(p):
-    from ..sampling.guidance import GRAD_AT, TEMPERATURE_MODES
     g = p.add_argument_group("guidance (ADM appendices D and I; classifier-free guidance)")
     g.add_argument("--classifier", metavar="DIR",
                    help="classifier guidance with this noisy classifier (gaussdiff train-classifier): "
@@ -51,8 +60,6 @@ def add_guidance_arguments(p):
 
 def guidance_from_args(args, device):
     """A gaussdiff.sampling.guidance.Guidance from the options of add_guidance_arguments, or None."""
-    from ..sampling.guidance import Guidance
-    from ..training.trainer import parse_floats
     if args.classifier is None and (args.classifier_scale is not None or args.classifier_grad_at
                                     or args.classifier_clip):
         raise UsageError("--classifier-scale, --classifier-grad-at and --classifier-clip apply "
@@ -68,7 +75,6 @@ def guidance_from_args(args, device):
             raise UsageError(f"--cfg-interval: expected LO,HI, got {args.cfg_interval!r}")
     classifier = None
     if args.classifier:
-        from ..training.classifier import load_classifier
         classifier = load_classifier(args.classifier, device=device)
     return Guidance(classifier=classifier,
                     classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale,
@@ -82,9 +88,6 @@ def guidance_from_args(args, device):
 def sample_cascade(args, device, guidance):
     """`gaussdiff sample --cascade BASE UPSAMPLER`: writes --out (the upsampled images) and
     --grid, plus the base model's images as <grid>.low.png."""
-    import gaussdiff
-    from ..images import save_grid, save_npz
-    from ..sampling.editing import cascade
     ema = None if args.ema == "raw" else args.ema
     base, up = (gaussdiff.load(d, device=device, ema=ema) for d in args.cascade)
     labels = None
@@ -111,7 +114,6 @@ def sample_cascade(args, device, guidance):
 
 # ------------------------------------------------------------------------- train-classifier
 def add_train_classifier_parser(sub):
-    from ..nn.encoder import POOLS
     train_parser = sub.choices["train"]
     p = sub.add_parser("train-classifier", help="train a noisy classifier for classifier guidance",
                        description="Train ADM's noisy classifier (the UNet's downsampling half with "
@@ -137,7 +139,6 @@ def add_train_classifier_parser(sub):
 
 
 def cmd_train_classifier(args):
-    from ..training.classifier import CLASSIFIER_DEFAULTS, ClassifierTrainer, schedule_of
     opts = dict(CLASSIFIER_DEFAULTS)
     if args.schedule_from:
         opts.update(schedule_of(args.schedule_from))
@@ -156,13 +157,11 @@ def _add_model_arguments(p):
 
 
 def _load(args):
-    import gaussdiff
     return gaussdiff.load(args.model, device=args.device, ema=None if args.ema == "raw" else args.ema)
 
 
 def _read_images(pipe, paths):
     """uint8 [N, H, W, C] at the model's size and channels (data.read_image)."""
-    from ..data import read_image
     C, H, _ = pipe.image_shape
     return np.stack([read_image(p, C, H) for p in paths])
 
@@ -173,7 +172,6 @@ def _steps(text):
 
 def add_tools_parsers(sub):
     """train-classifier (after train, whose options it shares), invert, interpolate, inpaint."""
-    from ..sampling.samplers import SAMPLERS
     add_train_classifier_parser(sub)
     p = sub.add_parser("invert", help="DDIM inversion of images to latents x_T (ADM section H; "
                                       "σ-space models: Euler steps up to σ_max)")
@@ -236,10 +234,6 @@ def _labels_for(pipe, text, n):
 
 
 def cmd_invert(args):
-    from ..images import make_grid, save_png
-    from ..modeldir import atomic_write_bytes
-    from ..sampling.editing import invert, reconstruct, reconstruction_error
-    import io
     _check_out_dir(args.out, args.reconstruct)
     pipe = _load(args)
     images = _read_images(pipe, args.images)
@@ -262,8 +256,6 @@ def cmd_invert(args):
 
 
 def cmd_interpolate(args):
-    from ..images import make_grid, save_png
-    from ..sampling.editing import interpolate
     _check_out_dir(args.out)
     pipe = _load(args)
     a, b = _read_images(pipe, [args.image_a, args.image_b])
@@ -276,9 +268,6 @@ def cmd_interpolate(args):
 
 
 def cmd_inpaint(args):
-    from ..data import read_image
-    from ..images import make_grid, save_npz, save_png
-    from ..sampling.editing import inpaint
     _check_out_dir(args.out, args.npz)
     if args.num < 1:
         raise UsageError("--num must be positive")

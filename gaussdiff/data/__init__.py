@@ -58,3 +58,20 @@ def load_dataset(spec: str, split: str = "train", channels: Optional[int] = None
     if not class_cond:
         ds.labels = None
     return ds
+
+
+def load_images(spec: str, split: str):
+    """uint8 NHWC images of an .npz, an image folder or a named dataset."""
+    return load_dataset(spec, split).images
+
+
+def first_images(images, num: Optional[int], what: str, flag: str):
+    """The first `num` of `images` (all of them when num is None); a UsageError naming the
+    option `flag` when num is not positive or `what` has fewer images."""
+    if num is None:
+        return images
+    if num < 1:
+        raise UsageError(f"{flag} must be positive")
+    if num > len(images):
+        raise UsageError(f"{flag} {num}: {what} has only {len(images)} images")
+    return images[:num]

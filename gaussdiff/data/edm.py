@@ -22,10 +22,11 @@ import zipfile
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+from PIL import Image
 
-from .readers import IMAGE_EXTENSIONS, MAX_CLASSES, ImageDataset, read_image
 from ..errors import UsageError
 from ..fileio import atomic_write_bytes
+from .readers import IMAGE_EXTENSIONS, MAX_CLASSES, ImageDataset, read_image
 
 LABELS_NAME = "dataset.json"
 MAX_ENTRY_BYTES = 256 << 20   # one image file; larger zip entries are refused unread
@@ -175,7 +176,6 @@ def edm_names(n: int) -> List[str]:
 
 
 def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
     return buf.getvalue()

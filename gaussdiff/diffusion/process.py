@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from .gaussian import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from ..rng import Generator, randn, randn_like
+from .schedules import beta_schedule, betas_from_alphas_cumprod, space_timesteps
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
@@ -473,7 +474,6 @@ def make_diffusion(schedule="linear", steps=1000, mean_type="eps", var_type="fix
                    alphas_cumprod=None, p2_gamma=0.0, p2_k=1.0,
                    min_snr_gamma=0.0) -> GaussianDiffusion:
     """A GaussianDiffusion from config values (as stored in config.json), optionally respaced."""
-    from .schedules import beta_schedule, betas_from_alphas_cumprod, space_timesteps
     if alphas_cumprod is not None:
         betas = betas_from_alphas_cumprod(alphas_cumprod)
     else:

@@ -21,9 +21,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
 
-from ..data import ImageDataset, to_model_range
+from ..data import BatchSampler, ImageDataset, to_model_range
 from ..errors import UsageError
+from ..modeldir import atomic_write_json, load_state_into, save_tensors
 
 KIND = "gaussdiff-feature-net"
 FORMAT_VERSION = 1
@@ -101,8 +104,6 @@ def train_feature_classifier(dataset: ImageDataset, steps: int = 2000, batch_siz
     """Train a FeatureNet on a labelled dataset (uint8 NHWC images, int labels) with Adam and
     cross-entropy, no augmentation. Returns the network (eval mode, on CPU) with
     `.config` filled: architecture, name, dataset, steps and held-out accuracy if eval_data."""
-    from tqdm.auto import tqdm
-    from ..data import BatchSampler
     if dataset.labels is None:
         raise UsageError(f"dataset {dataset.name} has no labels: the feature classifier needs them")
     if steps < 1 or batch_size < 1:
@@ -142,7 +143,6 @@ def train_feature_classifier(dataset: ImageDataset, steps: int = 2000, batch_siz
 
 def save_feature_net(net: FeatureNet, path: str):
     """Write config.json + model.safetensors into directory `path` (created)."""
-    from ..modeldir import atomic_write_json, save_tensors
     os.makedirs(path, exist_ok=True)
     save_tensors(os.path.join(path, WEIGHTS_NAME), net.state_dict())
     atomic_write_json(os.path.join(path, CONFIG_NAME), net.config)
@@ -150,7 +150,6 @@ def save_feature_net(net: FeatureNet, path: str):
 
 def load_feature_net(path: str, device=None) -> FeatureNet:
     """Load a directory written by save_feature_net. `.sha1` identifies the weights."""
-    from ..modeldir import load_state_into
     cfg_path = os.path.join(path, CONFIG_NAME)
     try:
         with open(cfg_path) as f:
@@ -175,7 +174,6 @@ def load_feature_net(path: str, device=None) -> FeatureNet:
 def adapt_images(images: np.ndarray, channels: int, size: int) -> np.ndarray:
     """uint8 NHWC images converted to the network's channels (ITU-R 601 luma for RGB -> grey,
     repetition for grey -> RGB) and resized (PIL bilinear) to size x size."""
-    from PIL import Image
     x = images
     if x.shape[-1] == 3 and channels == 1:
         x = np.round(x.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))[..., None].clip(0, 255).astype(np.uint8)
@@ -192,7 +190,6 @@ def adapt_images(images: np.ndarray, channels: int, size: int) -> np.ndarray:
 def net_outputs(net: FeatureNet, images: np.ndarray, batch_size: int = 500, progress: bool = True,
                 desc: str = "feature net") -> dict:
     """{"features": [N, feature_dim], "probs": [N, num_classes]} float64 for uint8 NHWC images."""
-    from tqdm.auto import tqdm
     cfg = net.config
     images = adapt_images(images, cfg["channels"], cfg["image_size"])
     device = next(net.parameters()).device

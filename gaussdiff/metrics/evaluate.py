@@ -25,13 +25,14 @@ from typing import Dict, Iterable, Optional
 import numpy as np
 import torch
 
+from .classifier import net_outputs
 from ..distributed import all_gather_cat, current, shard
 from ..errors import UsageError
-from .classifier import net_outputs
 from .frechet import feature_statistics, frechet_distance
-from .inception import InceptionFeatures
+from .inception import InceptionFeatures, get_inception
 from .inception_score import inception_score
 from .kid import kernel_distance
+from ..modeldir import atomic_write_bytes
 from .precision_recall import precision_recall
 
 METRICS = ("fid", "sfid", "kid", "prec", "rec", "is", "fd")
@@ -68,7 +69,6 @@ def images_sha1(images: np.ndarray) -> str:
 
 
 def _atomic_savez(path: str, arrays: Dict[str, np.ndarray]):
-    from ..modeldir import atomic_write_bytes
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())   # temp file + rename: no half-written cache
@@ -207,7 +207,6 @@ def evaluate(samples: np.ndarray, reference: np.ndarray, metrics: Iterable[str] 
     networks: dict = {}
 
     if needs_inception:
-        from .inception import get_inception
         inc = get_inception(device)
         networks["inception"] = inc.network_id
         need = {"fid": ("pool_mu", "pool_sigma"), "sfid": ("spatial_mu", "spatial_sigma")}

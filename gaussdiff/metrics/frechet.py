@@ -12,15 +12,12 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
+import torch
 
 
 def _float64(a) -> np.ndarray:
-    try:
-        import torch
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu().double().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().double().numpy()
     return np.asarray(a, dtype=np.float64)
 
 

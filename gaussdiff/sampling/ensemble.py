@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ..errors import UsageError
+from ..modeldir import Pipeline, load
 
 ENSEMBLE_HELP = ("instead of MODEL: two discrete-time models with the same diffusion, A for the "
                  "timesteps t in [K, T-1-K], B for the rest (Improved DDPM appendix); K is the "
@@ -89,7 +91,6 @@ def parse_ensemble_spec(spec: str):
 
 def _check_same_diffusion(pa, pb, a: str, b: str):
     """A UsageError naming the first setting in which two discrete-time pipelines differ."""
-    import numpy as np
     for path, pipe in ((a, pa), (b, pb)):
         if pipe.config.get("precond"):
             raise UsageError(f"--ensemble: {path} was trained in σ-space (objective "
@@ -113,7 +114,6 @@ def _check_same_diffusion(pa, pb, a: str, b: str):
 def load_ensemble(spec: str, device=None, ema: Optional[str] = "auto"):
     """The Pipeline of `--ensemble MODEL_A:MODEL_B:K`: model A for t ∈ [K, T − 1 − K], model B
     elsewhere, with A's diffusion and config (plus an "ensemble" section) and path `spec`."""
-    from ..modeldir import Pipeline, load
     a, b, K = parse_ensemble_spec(spec)
     pa, pb = load(a, device=device, ema=ema), load(b, device=device, ema=ema)
     _check_same_diffusion(pa, pb, a, b)
@@ -130,7 +130,6 @@ def load_ensemble(spec: str, device=None, ema: Optional[str] = "auto"):
 def load_model_or_ensemble(model: Optional[str], ensemble: Optional[str], device=None,
                            ema: Optional[str] = "auto"):
     """The CLI's MODEL or --ensemble A:B:K (exactly one of them) as a Pipeline."""
-    from ..modeldir import load
     if (model is None) == (ensemble is None):
         raise UsageError("give a MODEL directory or --ensemble MODEL_A:MODEL_B:K (one of them)")
     return load(model, device=device, ema=ema) if ensemble is None else \

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .denoisers import ClipDenoised
 from ..errors import UsageError
 from .samplers import get_spec
 from ..validate import check_sampling_numbers
@@ -277,7 +278,6 @@ class Guidance:
     def for_sigma_space(self, pipe, denoiser, sampler: str, options: dict, clip_denoised: bool):
         """(guided denoiser, sampler options) for a σ-space sampler. Order as in the discrete
         engine: CFG and ε/τ on the raw estimate, then clipping, then the classifier's shift."""
-        from .denoisers import ClipDenoised
         self._check(pipe, sampler)
         if pipe.num_classes is None:
             denoiser = WithoutLabels(denoiser)

@@ -31,8 +31,10 @@ import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from safetensors.torch import save
 
 from ..errors import UsageError
+from ..fileio import atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -103,7 +105,6 @@ def encode(name: str, value) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if name.endswith(".safetensors"):
-        from safetensors.torch import save
         return save({k: v.detach().cpu().contiguous() for k, v in value.items()})
     return (json.dumps(value, indent=2) + "\n").encode()
 
@@ -350,5 +351,4 @@ def trim_log(path: str, step: int):
         if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
             kept.append(line)
     if len(kept) != len(lines):
-        from ..modeldir import atomic_write_bytes
         atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))

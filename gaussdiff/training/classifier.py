@@ -21,6 +21,8 @@ from ..diffusion.process import make_diffusion
 from ..diffusion.timesteps import make_schedule_sampler
 from ..errors import UsageError
 from ..modeldir import build_model, default_device, load_state_into, read_config, weights_path
+from ..nn.encoder import EncoderConfig
+from ..sampling.denoisers import DiscreteDenoiser
 from .trainer import DEFAULTS, Trainer, unet_config
 
 # `gaussdiff train`'s defaults, with a small ADM classifier (Table 12 shrunk for 28x28 data:
@@ -49,7 +51,6 @@ class ClassifierTrainer(Trainer):
                                    schedule)
 
     def network_config(self, o: dict, out_channels: int):
-        from ..nn.encoder import EncoderConfig
         cfg = unet_config(o, out_channels).to_dict()
         return EncoderConfig.from_dict({**cfg, "out_channels": o["num_classes"], "num_classes": None,
                                         "pool": o.get("pool", "attention")})
@@ -63,7 +64,6 @@ class NoisyClassifier:
     `.alphas_cumprod` (the ᾱ table of the schedule it was trained on)."""
 
     def __init__(self, model: torch.nn.Module, config: dict, path: str = ""):
-        from ..sampling.denoisers import DiscreteDenoiser
         self.model, self.config, self.path = model, config, path
         self.num_classes = int(config["model"]["out_channels"])
         self.alphas_cumprod = make_diffusion(**config["diffusion"]).alphas_cumprod

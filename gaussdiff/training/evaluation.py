@@ -17,8 +17,14 @@ import os
 import time
 
 import numpy as np
+import torch
 
+from ..distributed import all_gather_cat, shard
 from ..errors import UsageError
+from ..metrics.classifier import load_feature_net
+from ..metrics.evaluate import evaluate
+from ..modeldir import CONFIG_NAME
+from ..sweep import generate, parse_sampler_spec
 
 EVAL_KEYS = ("eval_every", "eval_samples", "eval_sampler", "eval_metric", "eval_feature_net")
 EVAL_METRICS = ("fd", "fid")
@@ -27,7 +33,6 @@ EVAL_METRICS = ("fd", "fid")
 def inherit_eval_options(opts: dict, given, out_dir: str):
     """--resume: the evaluation options saved in the run's config.json, where the command line
     gives none."""
-    from ..modeldir import CONFIG_NAME
     try:
         with open(os.path.join(out_dir, CONFIG_NAME)) as f:
             saved = json.load(f)["training"]
@@ -45,7 +50,6 @@ class TrainingEval:
     options still find it). T: the diffusion's steps; sigma_space: a σ-space objective."""
 
     def __init__(self, o: dict, T: int, sigma_space: bool, device=None, world_size: int = 1):
-        from ..sweep import parse_sampler_spec
         self.every, self.num = o.get("eval_every") or 0, o.get("eval_samples") or 256
         metric, net_dir = o.get("eval_metric"), o.get("eval_feature_net")
         if metric not in (None,) + EVAL_METRICS:
@@ -56,7 +60,6 @@ class TrainingEval:
         self.metric = metric or ("fd" if net_dir else "fid")
         self.feature_net = None
         if net_dir:
-            from ..metrics.classifier import load_feature_net
             o["eval_feature_net"] = os.path.abspath(net_dir)
             self.feature_net = load_feature_net(net_dir, device)
             self.feature_net.path = o["eval_feature_net"]
@@ -84,10 +87,6 @@ class TrainingEval:
     def __call__(self, pipe, train_images: np.ndarray, step: int, dist, batch_size: int = 64,
                  dataset_name: str = "train") -> dict:
         """Sample and score; returns the log record. Every rank calls it (torchrun)."""
-        import torch
-        from ..distributed import all_gather_cat, shard
-        from ..metrics.evaluate import evaluate
-        from ..sweep import generate
         start = time.perf_counter()
         part = shard(self.num, dist)
         out = generate(pipe, self.sampler, self.steps, part.stop - part.start, seed=0,

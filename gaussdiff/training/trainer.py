@@ -15,23 +15,30 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
-from ..data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range
-from ..diffusion.process import make_diffusion
-from ..errors import UsageError
-from ..data.augment import AUGMENT_DIM, AugmentPipe
-from .precision import Autocast, make_scaler, resolve_precision
 from .checkpoint import (check_finite, holds_run, refresh_top_level, select_checkpoint, trim_log,
                          write_checkpoint)
-from .guard import BadStepGuard, all_finite
-from ..validate import check_train_options
+from ..data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range, to_uint8
+from ..data.augment import AUGMENT_DIM, AugmentPipe
+from ..diffusion.objectives import DiscreteObjective, Objective, SigmaObjective
+from ..diffusion.process import make_diffusion
+from ..diffusion.schedules import karras_sigmas
+from ..diffusion.timesteps import make_schedule_sampler
 from ..distributed import DistInfo, all_gather_cat, barrier, current, rank_seed, shard
+from ..errors import UsageError
+from .evaluation import TrainingEval
+from .guard import BadStepGuard, all_finite
+from ..images import save_grid
 from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, Pipeline, build_model, default_device,
                         diffusion_section, ema_name, load_state_into, load_tensors, make_config,
                         read_config)
 from ..nn.unet import UNetConfig
-from ..diffusion.objectives import DiscreteObjective, Objective, SigmaObjective
-from ..diffusion.timesteps import make_schedule_sampler
+from .precision import Autocast, make_scaler, resolve_precision
+from ..rng import per_sample_generators
+from ..sampling.samplers import heun
+from ..validate import check_train_options
 
 # Defaults where neither a preset nor a flag says otherwise (DDPM/Improved DDPM values where
 # the papers give one; a small network so that a bare `gaussdiff train` runs on a CPU).
@@ -227,7 +234,7 @@ class Trainer:
         if not 0 <= o.get("augment", 0) <= 1:
             raise UsageError(f"--augment is a probability in [0, 1], got {o['augment']}")
         self.augment_pipe = AugmentPipe(o["augment"]) if o.get("augment") else None
-        from .evaluation import TrainingEval   # checks the --eval-* options before any write
+        # checks the --eval-* options before any write
         self.evaluator = TrainingEval(o, self.objective.num_timesteps, sigma_space, self.device,
                                       self.dist.world_size)
         self.model_config = self.network_config(o, self.objective.output_channels(o["channels"]))
@@ -290,7 +297,6 @@ class Trainer:
         net = self.train_module
         self.ddp = None
         if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
             self.ddp = net = DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.o.get("compile"):
@@ -462,7 +468,6 @@ class Trainer:
         return Pipeline(ema_model, self.objective.diffusion, self.config, self.out_dir)
 
     def write_samples(self):
-        from ..images import save_grid
         pipe = self.ema_pipeline()
         low_res = None   # upsampler: the first training images, downsampled
         if self.o.get("task") == "upsample":
@@ -479,10 +484,6 @@ class Trainer:
     def sample_sigma_space(self, denoiser, low_res=None):
         """Sample grid of a σ-space model: EDM's Heun sampler, --sample-steps steps on EDM's
         ρ = 7 levels within the range the network was trained for; image i from seed i."""
-        from ..data import to_uint8
-        from ..rng import per_sample_generators
-        from ..sampling.samplers import heun
-        from ..diffusion.schedules import karras_sigmas
         n, o = self.o["sample_num"], self.o
         sigmas = karras_sigmas(o["sample_steps"], max(0.002, denoiser.sigma_min),
                                min(80.0, denoiser.sigma_max))
@@ -498,7 +499,6 @@ class Trainer:
         return to_uint8(heun(denoiser, x, sigmas, generator=gens, model_kwargs=kwargs).clamp(-1, 1))
 
     def run(self):
-        from tqdm.auto import tqdm
         o = self.o
         log_path = os.path.join(self.out_dir, "log.jsonl")
         main = self.dist.is_main   # under torchrun, rank 0 alone writes logs, checkpoints, grids

@@ -80,7 +80,7 @@ def test_sweep_points_nfe_and_resume(setup, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("sampled or scored again")
     monkeypatch.setattr(Pipeline, "sample", refuse)
-    monkeypatch.setattr("gaussdiff.metrics.evaluate.evaluate", refuse)
+    monkeypatch.setattr("gaussdiff.sweep.evaluate", refuse)
     assert _sweep(setup, out, "--samplers", "ddim,heun", "--nfe", "2,4,5") == 0
     assert {p: p.stat().st_mtime_ns for p in sorted(out.glob("samples_*.npz"))} == mtimes
     assert (out / "sweep.csv").read_text() == table
