@@ -29,9 +29,9 @@ from .images import make_grid
 from .metrics.evaluate import compute_features
 from .metrics.inception import get_inception
 from .metrics.likelihood import evaluate_nll
-from .modeldir import Pipeline, seed_for
 from .plot import new_figure, save_figure
-from .rng import per_sample_generators, randn_like
+from .rng import per_sample_generators, randn_like, seed_for
+from .sampling.pipeline import Pipeline
 from .sampling.denoisers import pipeline_denoiser
 from .sampling.editing import _device, _discrete_only, _generator_only, label_kwargs
 from .sampling.guidance import Guidance

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 Generator = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -34,3 +35,8 @@ def randn(shape, generator: Generator = None, device=None, dtype=torch.float32) 
 
 def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     return randn(x.shape, generator, device=x.device, dtype=x.dtype)
+
+
+def seed_for(seed: int, index: int) -> int:
+    """The seed of image `index` in a run with seed `seed` (independent of batching)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)

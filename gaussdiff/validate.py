@@ -39,6 +39,21 @@ def _describe(v) -> str:
 
 
 # --------------------------------------------------------------------------- config.json
+TASKS = ("generate", "upsample")
+
+
+def task_of(cfg: dict) -> dict:
+    """A config's "task" section: {"type": "generate"} (also when absent) or {"type":
+    "upsample", "low_res": N} (the second stage of a cascade, gaussdiff train --task upsample)."""
+    task = cfg.get("task") or {"type": "generate"}
+    low_res = task.get("low_res") if isinstance(task, dict) else None
+    if not isinstance(task, dict) or task.get("type") not in TASKS or (
+            task["type"] == "upsample" and not (type(low_res) is int and low_res > 0)):
+        raise UsageError(f"config.json: bad task section {task!r}: expected type generate, or "
+                         f"type upsample with a positive integer low_res")
+    return task
+
+
 def check_model_section(section, where: str, classifier: bool = False):
     """Build-check the "model" section: UNetConfig.from_dict's type and range checks
     (EncoderConfig's for a classifier directory)."""

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data import to_model_range
 from ..errors import UsageError
-from ..modeldir import seed_for
-from ..rng import per_sample_generators
+from ..rng import per_sample_generators, seed_for
 
 
 def mean_stderr(values) -> dict:

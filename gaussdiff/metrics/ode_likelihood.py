@@ -49,8 +49,7 @@ from tqdm.auto import tqdm
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UsageError
 from .likelihood import mean_stderr
-from ..modeldir import seed_for
-from ..rng import Generator, per_sample_generators, randn
+from ..rng import Generator, per_sample_generators, randn, seed_for
 from ..sampling.denoisers import pipeline_denoiser
 
 PROBES = ("rademacher", "gaussian")

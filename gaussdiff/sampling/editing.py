@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from ..data import to_model_range, to_uint8
 from .denoisers import ClipDenoised, pipeline_denoiser
 from ..errors import UsageError
-from ..modeldir import Pipeline, seed_for, task_of
-from ..rng import per_sample_generators, randn_like
+from ..rng import per_sample_generators, randn_like, seed_for
+from ..validate import task_of
+from .pipeline import Pipeline
 from .samplers import SAMPLERS, euler, to_d
 
 

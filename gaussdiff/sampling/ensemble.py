@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UsageError
-from ..modeldir import Pipeline, load
+from ..modeldir import load
+from .pipeline import Pipeline
 
 ENSEMBLE_HELP = ("instead of MODEL: two discrete-time models with the same diffusion, A for the "
                  "timesteps t in [K, T-1-K], B for the rest (Improved DDPM appendix); K is the "

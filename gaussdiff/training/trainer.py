@@ -31,9 +31,10 @@ from ..errors import UsageError
 from .evaluation import TrainingEval
 from .guard import BadStepGuard, all_finite
 from ..images import save_grid
-from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, Pipeline, build_model, default_device,
+from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, build_model, default_device,
                         diffusion_section, ema_name, load_state_into, load_tensors, make_config,
                         read_config)
+from ..sampling.pipeline import Pipeline
 from ..nn.unet import UNetConfig
 from .precision import Autocast, make_scaler, resolve_precision
 from ..rng import per_sample_generators
