@@ -20,6 +20,7 @@ MOVED = {   # old name under gaussdiff -> new module
     "sharded": "sampling.sharded",
     "cli_metrics": "cli.metrics", "cli_tools": "cli.tools", "cli_interop": "cli.interop",
     "cli_analyze": "cli.analyze", "cli_common": "cli.common",
+    "sweep": "metrics.sweep", "convert_openai": "interop.openai", "export": "interop.torchscript",
 }
 PACKAGE = __name__.rpartition(".")[0]
 

@@ -37,6 +37,9 @@ MOVED = {   # old path -> new path
     "gaussdiff.cli_interop": "gaussdiff.cli.interop",
     "gaussdiff.cli_analyze": "gaussdiff.cli.analyze",
     "gaussdiff.cli_common": "gaussdiff.cli.common",
+    "gaussdiff.sweep": "gaussdiff.metrics.sweep",
+    "gaussdiff.convert_openai": "gaussdiff.interop.openai",
+    "gaussdiff.export": "gaussdiff.interop.torchscript",
 }
 
 

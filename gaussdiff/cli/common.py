@@ -1,7 +1,7 @@
 """Argument helpers shared by the command modules (cli, cli.tools, ...): parsing what several
 commands take alike. Reading their images (`load_images`, `first_images`) is gaussdiff.data's,
-so that sweep.py, a library module, has it without importing the cli package (an import circle:
-cli -> cli.metrics -> sweep -> cli)."""
+so that metrics/sweep.py, a library module, has it without importing the cli package (an import
+circle: cli -> cli.metrics -> metrics.sweep -> cli)."""
 from __future__ import annotations
 
 import argparse

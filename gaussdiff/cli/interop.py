@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 
-from ..convert_openai import CODEBASES, README, convert
+from ..interop.openai import CODEBASES, README, convert
 from ..data import ImageDataset, NoLabelsError, load_dataset, read_idx
 from ..data.edm import write_edm
 from ..errors import UsageError
-from ..export import export_torchscript
+from ..interop.torchscript import export_torchscript
 
 
 def add_interop_parsers(sub):

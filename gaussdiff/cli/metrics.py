@@ -1,4 +1,4 @@
-"""Metric subcommands of the `gaussdiff` CLI: eval, nll, train-feature-net, sweep (gaussdiff/sweep.py)."""
+"""Metric subcommands of the `gaussdiff` CLI: eval, nll, train-feature-net, sweep (gaussdiff/metrics/sweep.py)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from ..metrics.likelihood import evaluate_nll
 from ..metrics.ode_likelihood import evaluate_ode_nll
 from ..modeldir import atomic_write_bytes
 from ..sampling.ensemble import ENSEMBLE_HELP, load_model_or_ensemble
-from ..sweep import add_sweep_parser
+from ..metrics.sweep import add_sweep_parser
 
 
 def _check_out(path):

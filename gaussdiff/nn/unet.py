@@ -43,7 +43,7 @@ class UNetConfig:
     augment_dim: int = 0   # length of EDM's augmentation label (9), 0: no augment conditioning
     null_class: bool = False   # one more label row, index num_classes: "no label" (label dropout)
     # the network embeds timestep_scale * t: 1000 / T for checkpoints trained with improved-
-    # diffusion's rescale_timesteps (gaussdiff.convert_openai); gaussdiff's own models use 1
+    # diffusion's rescale_timesteps (gaussdiff.interop.openai); gaussdiff's own models use 1
     timestep_scale: float = 1.0
 
     def __post_init__(self):

@@ -24,7 +24,7 @@ from ..errors import UsageError
 from ..metrics.classifier import load_feature_net
 from ..metrics.evaluate import evaluate
 from ..modeldir import CONFIG_NAME
-from ..sweep import generate, parse_sampler_spec
+from ..metrics.sweep import generate, parse_sampler_spec
 
 EVAL_KEYS = ("eval_every", "eval_samples", "eval_sampler", "eval_metric", "eval_feature_net")
 EVAL_METRICS = ("fd", "fid")

@@ -20,7 +20,7 @@ import torch
 import gaussdiff
 import openai_reference as ref
 from gaussdiff.cli import main
-from gaussdiff.convert_openai import convert, diffusion_section, parse_flag_string, resolve_flags
+from gaussdiff.interop.openai import convert, diffusion_section, parse_flag_string, resolve_flags
 from gaussdiff.errors import UsageError
 
 # (flags, reference architecture in the original constructor's terms, the factor the scripts
@@ -118,7 +118,7 @@ def test_converted_network_equals_reference(name, tmp_path):
 def test_attention_layout_and_timestep_scale_matter(tmp_path):
     """The checks above can fail: without the qkv permutation of the new attention order, or
     without the 1000/T timestep rescaling, the outputs differ by far more than 1e-5."""
-    from gaussdiff.convert_openai import new_to_legacy_qkv
+    from gaussdiff.interop.openai import new_to_legacy_qkv
     state, a, _ = convert_case("guided-unet-new-order", tmp_path)
     model, _ = load_any(str(tmp_path / "guided-unet-new-order"))
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 600]), torch.tensor([1, 2])

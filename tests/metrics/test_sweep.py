@@ -80,7 +80,7 @@ def test_sweep_points_nfe_and_resume(setup, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("sampled or scored again")
     monkeypatch.setattr(Pipeline, "sample", refuse)
-    monkeypatch.setattr("gaussdiff.sweep.evaluate", refuse)
+    monkeypatch.setattr("gaussdiff.metrics.sweep.evaluate", refuse)
     assert _sweep(setup, out, "--samplers", "ddim,heun", "--nfe", "2,4,5") == 0
     assert {p: p.stat().st_mtime_ns for p in sorted(out.glob("samples_*.npz"))} == mtimes
     assert (out / "sweep.csv").read_text() == table
@@ -175,7 +175,7 @@ def test_train_eval_sigma_space_default_is_heun_18(setup, tmp_path):
 def test_tick_labels_never_crowd_and_heun_says_odd_nfe():
     """NFE 19 and 20 on one log axis keep one tick (labels would print as "1920"); heun's legend
     says it makes only odd NFE (N steps, 2N − 1 evaluations)."""
-    from gaussdiff.sweep import _legend_label, thin_ticks
+    from gaussdiff.metrics.sweep import _legend_label, thin_ticks
     assert thin_ticks([20, 19, 10, 9, 35, 50, 100]) == [9, 19, 35, 50, 100]
     ticks = thin_ticks(range(1, 200))
     assert all(b / a >= 1.15 for a, b in zip(ticks, ticks[1:]))

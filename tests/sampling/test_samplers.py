@@ -549,7 +549,7 @@ def test_registry_entries_agree_with_the_samplers():
     and the sweep's --samplers help list the registry, and unknown names are one-line errors."""
     from gaussdiff.errors import UsageError
     from gaussdiff.sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS, get_spec
-    from gaussdiff.sweep import measure_nfe_formula, nfe_formula
+    from gaussdiff.metrics.sweep import measure_nfe_formula, nfe_formula
     assert SAMPLER_NAMES == tuple(REGISTRY) and set(SAMPLERS) == {n for n, s in REGISTRY.items() if s.fn}
     for name, spec in REGISTRY.items():
         if spec.discrete:

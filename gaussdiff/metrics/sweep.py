@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 import gaussdiff
-from .data import first_images, load_images
-from .diffusion.schedules import karras_sigmas
-from .errors import UsageError
-from .metrics.classifier import load_feature_net
-from .metrics.evaluate import CACHE_ENV, METRICS, evaluate, images_sha1, needs_networks, parse_metrics
-from .modeldir import atomic_write_bytes, atomic_write_json, num_timesteps, read_config, weights_path
-from .plot import new_figure, save_figure
-from .sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
+from ..data import first_images, load_images
+from ..diffusion.schedules import karras_sigmas
+from ..errors import UsageError
+from .classifier import load_feature_net
+from .evaluate import CACHE_ENV, METRICS, evaluate, images_sha1, needs_networks, parse_metrics
+from ..modeldir import atomic_write_bytes, atomic_write_json, num_timesteps, read_config, weights_path
+from ..plot import new_figure, save_figure
+from ..sampling.samplers import REGISTRY, SAMPLER_NAMES, SAMPLERS
 
 META_KEY = "gaussdiff_sweep"
 STATE_NAME, CSV_NAME, PLOT_NAME = "sweep.json", "sweep.csv", "sweep.png"

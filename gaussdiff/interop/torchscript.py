@@ -29,9 +29,9 @@ from typing import List
 
 import torch
 
-from .errors import UsageError
-from .modeldir import atomic_write_bytes, load, num_timesteps, read_config
-from .training.classifier import load_classifier
+from ..errors import UsageError
+from ..modeldir import atomic_write_bytes, load, num_timesteps, read_config
+from ..training.classifier import load_classifier
 
 
 class PositionalModel(torch.nn.Module):

@@ -23,11 +23,11 @@ from typing import Dict, Tuple
 
 import torch
 
-from .diffusion.schedules import SCHEDULES, space_timesteps
-from .errors import UsageError
-from .modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, build_model, make_config, save_tensors
-from .nn.encoder import POOLS, EncoderConfig
-from .nn.unet import AttentionBlock, UNetConfig
+from ..diffusion.schedules import SCHEDULES, space_timesteps
+from ..errors import UsageError
+from ..modeldir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, build_model, make_config, save_tensors
+from ..nn.encoder import POOLS, EncoderConfig
+from ..nn.unet import AttentionBlock, UNetConfig
 
 NUM_CLASSES = 1000   # both codebases: class_cond means the 1000 ImageNet classes
 
