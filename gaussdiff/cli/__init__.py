@@ -19,7 +19,7 @@ import torch
 import gaussdiff
 from .analyze import add_analyze_parser
 from .common import _bool
-from ..diffusion.precond import OBJECTIVES
+from ..diffusion.precond import OBJECTIVES, PRECONDS
 from ..diffusion.process import FIXED_VAR_TYPES, LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ..diffusion.schedules import SCHEDULES, SIGMA_SCHEDULES
 from ..diffusion.timesteps import SCHEDULE_SAMPLERS
@@ -110,7 +110,11 @@ def add_train_parser(sub):
                         "preconditioned denoiser trained in σ-space with that column's c_skip, "
                         "c_out, c_in, c_noise, λ(σ) and σ distribution (the diffusion options "
                         "are then not used)")
-    g.add_argument("--sigma-data", type=float, help="σ_data of --objective edm (0.5)")
+    g.add_argument("--precond", choices=PRECONDS,
+                   help="another column's preconditioning (c_skip, c_out, c_in, c_noise) than "
+                        "--objective's, whose loss and σ distribution stay (EDM Table 2, config "
+                        "E: --objective vp --precond edm)")
+    g.add_argument("--sigma-data", type=float, help="σ_data of the edm objective and preconditioning (0.5)")
     g.add_argument("--p-mean", type=float, help="P_mean of --objective edm: ln σ ~ N(P_mean, P_std²) (-1.2)")
     g.add_argument("--p-std", type=float, help="P_std of --objective edm (1.2)")
     g = p.add_argument_group("optimisation")

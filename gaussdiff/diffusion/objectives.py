@@ -33,7 +33,7 @@ from .timesteps import ScheduleSampler
 DISCRETE_LOSS_OPTIONS = ("mean_type", "var_type", "loss", "hybrid_lambda", "vb_stop_grad",
                          "p2_gamma", "p2_k", "min_snr_gamma")
 DISCRETE_OPTIONS = ("schedule", "diffusion_steps") + DISCRETE_LOSS_OPTIONS + ("schedule_sampler",)
-SIGMA_OPTIONS = ("sigma_data", "p_mean", "p_std")
+SIGMA_OPTIONS = ("sigma_data", "p_mean", "p_std", "precond")
 
 
 @dataclass
@@ -138,9 +138,11 @@ class SigmaObjective:
     num_timesteps = None
     unused_options = DISCRETE_OPTIONS
 
-    def __init__(self, name: str, sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2):
-        self.name = name
-        self.precond, self.objective = objective_sections(name, sigma_data, P_mean, P_std)
+    def __init__(self, name: str, sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2,
+                 precond: Optional[str] = None):
+        self.name = name   # the loss's column; precond: another column's c_skip, c_out, c_in, c_noise
+        self.precond, self.objective = objective_sections(name, sigma_data, P_mean, P_std,
+                                                          precond=precond)
         self.loss = make_loss(self.objective)
 
     def sections(self):

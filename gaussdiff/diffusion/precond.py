@@ -285,18 +285,24 @@ def make_loss(section: dict) -> SigmaLoss:
 
 
 def objective_sections(objective: str, sigma_data: float = 0.5, P_mean: float = -1.2,
-                       P_std: float = 1.2, model: Optional[nn.Module] = None):
+                       P_std: float = 1.2, model: Optional[nn.Module] = None,
+                       precond: Optional[str] = None):
     """The config.json "precond" and "objective" sections of a σ-space `objective` (vp, ve, iddpm,
-    edm), with every parameter filled in. sigma_data, P_mean and P_std apply to edm only."""
-    if objective not in PRECONDS:
-        raise UsageError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
-    if objective == "edm":
-        if sigma_data <= 0 or P_std <= 0:
-            raise UsageError(f"--sigma-data and --p-std must be positive, got {sigma_data}, {P_std}")
-        precond, loss = dict(sigma_data=sigma_data), dict(P_mean=P_mean, P_std=P_std,
-                                                          sigma_data=sigma_data)
-    else:
-        precond, loss = {}, {}
+    edm: its column's loss, λ(σ) and σ distribution), with every parameter filled in. precond:
+    another column's preconditioning (EDM Table 2's config E: objective vp, precond edm);
+    default the objective's own. sigma_data applies to the edm precond and loss, P_mean and
+    P_std to the edm loss."""
+    precond = precond or objective
+    for what, kind in (("objective", objective), ("precond", precond)):
+        if kind not in PRECONDS:
+            raise UsageError(f"unknown {what} {kind!r}: choose one of "
+                             f"{', '.join(OBJECTIVES if what == 'objective' else PRECONDS)}")
+    if "edm" in (objective, precond) and sigma_data <= 0:
+        raise UsageError(f"--sigma-data must be positive, got {sigma_data}")
+    if objective == "edm" and P_std <= 0:
+        raise UsageError(f"--p-std must be positive, got {P_std}")
+    precond_params = dict(sigma_data=sigma_data) if precond == "edm" else {}
+    loss = dict(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data) if objective == "edm" else {}
     net = model if model is not None else nn.Identity()
-    return (make_precond({"type": objective, **precond}, net).config(),
+    return (make_precond({"type": precond, **precond_params}, net).config(),
             make_loss({"type": objective, **loss}).config())

@@ -53,7 +53,7 @@ DEFAULTS = dict(
     grad_clip=0.0,
     ema="0.9999", ema_warmup=False, steps=1000, save_every=1000, sample_every=1000, log_every=50, seed=0,
     flip=False, sample_steps=50, sample_num=64, skip_bad_images=False,
-    objective="ddpm", sigma_data=0.5, p_mean=-1.2, p_std=1.2, p2_gamma=0.0, p2_k=1.0,
+    objective="ddpm", precond=None, sigma_data=0.5, p_mean=-1.2, p_std=1.2, p2_gamma=0.0, p2_k=1.0,
     min_snr_gamma=0.0, augment=0.0,
     schedule_sampler="uniform",
     # conditioning (gaussdiff.sampling.guidance): label dropout for classifier-free guidance, and
@@ -129,6 +129,9 @@ def make_objective(o: dict) -> Objective:
     --schedule, --mean-type, --var-type, --loss, ...) or a σ-space one (edm, vp, ve, iddpm)."""
     name = o.get("objective", "ddpm")
     if name == "ddpm":
+        if o.get("precond"):
+            raise UsageError(f"--precond {o['precond']} applies to the σ-space objectives (edm, vp, "
+                             f"ve, iddpm), not --objective ddpm")
         section = diffusion_section(diffusion_config(o))
         diffusion = make_diffusion(**section)
         return DiscreteObjective(diffusion, make_schedule_sampler(o["schedule_sampler"],
@@ -136,7 +139,7 @@ def make_objective(o: dict) -> Objective:
     if o.get("p2_gamma") or o.get("min_snr_gamma") or o.get("schedule_sampler", "uniform") != "uniform":
         raise UsageError(f"--p2-gamma, --min-snr-gamma and --schedule-sampler apply to "
                          f"--objective ddpm; --objective {name} has its own λ(σ) and σ distribution")
-    return SigmaObjective(name, o["sigma_data"], o["p_mean"], o["p_std"])
+    return SigmaObjective(name, o["sigma_data"], o["p_mean"], o["p_std"], o.get("precond"))
 
 
 def make_adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:

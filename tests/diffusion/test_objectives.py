@@ -604,10 +604,34 @@ def test_config_errors_are_one_line_messages():
     with pytest.raises(UsageError,
                        match=r"^unknown objective 'nope': choose one of ddpm, vp, ve, iddpm, edm$"):
         objective_sections("nope")
-    with pytest.raises(UsageError, match=r"^--sigma-data and --p-std must be positive, got 0\.5, 0\.0$"):
+    with pytest.raises(UsageError, match=r"^--p-std must be positive, got 0\.0$"):
         objective_sections("edm", P_std=0.0)
-    with pytest.raises(UsageError, match=r"^--sigma-data and --p-std must be positive, got -1\.0, 1\.2$"):
+    with pytest.raises(UsageError, match=r"^--sigma-data must be positive, got -1\.0$"):
         objective_sections("edm", sigma_data=-1.0)
+    with pytest.raises(UsageError, match=r"^--sigma-data must be positive, got 0\.0$"):
+        objective_sections("vp", sigma_data=0.0, precond="edm")   # the edm precond uses it
+    with pytest.raises(UsageError, match=r"^unknown precond 'nope': choose one of vp, ve, iddpm, edm$"):
+        objective_sections("vp", precond="nope")
+
+
+def test_a_loss_with_another_columns_preconditioning():
+    """EDM Table 2's config E: --objective vp --precond edm keeps VP's σ distribution and
+    λ(σ) = 1/σ² and takes EDM's c_skip, c_out, c_in, c_noise. With F ≡ 0, D(x; σ) = c_skip·x with
+    c_skip = σ_d²/(σ² + σ_d²), so the loss is (1/σ²)·mean((c_skip·(y + n) − y)²), written out."""
+    from gaussdiff.diffusion.objectives import SigmaObjective
+    pre, obj = objective_sections("vp", sigma_data=0.7, precond="edm")
+    assert pre == {"type": "edm", "sigma_data": 0.7} and obj["type"] == "vp"
+    objective = SigmaObjective("vp", sigma_data=0.7, precond="edm")
+    net = objective.network(Recorder(0.0))
+    y = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    draw = objective.draw(y, torch.Generator().manual_seed(1))
+    sigma = draw.levels
+    assert torch.all((sigma >= vp_sigma(torch.tensor(1e-5, dtype=torch.float64)) - 1e-12)
+                     & (sigma <= vp_sigma(torch.tensor(1.0, dtype=torch.float64)) + 1e-12))
+    per_sample, terms = objective.losses(net, y, draw, {})
+    c_skip = (0.49 / (sigma ** 2 + 0.49)).reshape(-1, 1, 1, 1)
+    want = ((c_skip * (y + draw.noise) - y) ** 2).mean((1, 2, 3)) / sigma ** 2
+    torch.testing.assert_close(per_sample, want)
 
 
 def test_continuous_preconditioners_keep_sigma_as_given():
