@@ -30,7 +30,7 @@ from .metrics.evaluate import compute_features
 from .metrics.inception import get_inception
 from .metrics.likelihood import evaluate_nll
 from .plot import new_figure, save_figure
-from .rng import per_sample_generators, randn_like, seed_for
+from .rng import image_generators, per_sample_generators, randn_like, seed_for
 from .sampling.pipeline import Pipeline
 from .sampling.denoisers import pipeline_denoiser
 from .sampling.editing import _device, _discrete_only, _generator_only, label_kwargs
@@ -138,7 +138,7 @@ def noise_levels(pipe: Pipeline, images: np.ndarray, sigmas: Sequence[float] = D
     for start in range(0, len(images), batch_size):
         idx = range(start, min(start + batch_size, len(images)))
         y = to_model_range(torch.from_numpy(images[idx.start:idx.stop])).to(device, dtype)
-        gens = per_sample_generators([seed_for(seed, i) for i in idx])
+        gens = image_generators(seed, idx)
         n = randn_like(y, gens)
         kwargs = _labels(pipe, None if labels is None else labels[idx.start:idx.stop], len(idx), device)
         noisy_b, den_b = [], []
@@ -218,7 +218,7 @@ def progressive(pipe: Pipeline, num: int = 8, steps=None, columns: int = 10, see
     bar = tqdm(total=K * num, desc="progressive (ddpm)", unit="img-step", disable=not progress)
     for start in range(0, num, batch_size):
         idx = range(start, min(start + batch_size, num))
-        gens = per_sample_generators([seed_for(seed, i) for i in idx])
+        gens = image_generators(seed, idx)
         x = torch.stack([torch.randn(pipe.image_shape, generator=g) for g in gens]).to(device)
         kwargs = {} if labels is None else \
             _labels(pipe, np.broadcast_to(labels, (num,))[idx.start:idx.stop], len(idx), device)

@@ -40,3 +40,9 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
 def seed_for(seed: int, index: int) -> int:
     """The seed of image `index` in a run with seed `seed` (independent of batching)."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def image_generators(seed: int, indices) -> List[torch.Generator]:
+    """The generators of images `indices` of a run with seed `seed` (seed_for each): image i
+    draws the same numbers whatever batch it falls in."""
+    return per_sample_generators([seed_for(seed, i) for i in indices])

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data import to_model_range
 from ..errors import UsageError
-from ..rng import per_sample_generators, seed_for
+from ..rng import image_generators
 
 
 def mean_stderr(values) -> dict:
@@ -64,7 +64,7 @@ def evaluate_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = None, 
             if labels is None:
                 raise UsageError("the model is class-conditional: the data needs labels")
             kwargs["y"] = torch.from_numpy(labels[start:idx.stop]).to(device)
-        gens = per_sample_generators([seed_for(seed, i) for i in idx])
+        gens = image_generators(seed, idx)
         out = diffusion.calc_bpd_loop(pipe.model, x0, clip_denoised=clip_denoised,
                                       model_kwargs=kwargs, generator=gens)
         vb, prior = out["vb"].double().cpu(), out["prior_bpd"].double().cpu()

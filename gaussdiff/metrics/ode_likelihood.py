@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UsageError
 from .likelihood import mean_stderr
-from ..rng import Generator, per_sample_generators, randn, seed_for
+from ..rng import Generator, image_generators, randn
 from ..sampling.denoisers import pipeline_denoiser
 
 PROBES = ("rademacher", "gaussian")
@@ -236,7 +236,7 @@ def evaluate_ode_nll(pipe, images: np.ndarray, labels: Optional[np.ndarray] = No
                desc=f"nll --ode ({'rk45' if steps is None else f'heun {steps}'})")
     for start in range(0, len(images), batch_size):
         idx = range(start, min(start + batch_size, len(images)))
-        gens = per_sample_generators([seed_for(seed, i) for i in idx])
+        gens = image_generators(seed, idx)
         z = dequantize(torch.from_numpy(images[start:idx.stop]), gens).to(device, dtype)
         probes = None if exact_trace else draw_probes(z.shape, hutchinson_samples, probe, gens,
                                                       dtype=dtype, device=device)

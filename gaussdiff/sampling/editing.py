@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..data import to_model_range, to_uint8
 from .denoisers import ClipDenoised, pipeline_denoiser
 from ..errors import UsageError
-from ..rng import per_sample_generators, randn_like, seed_for
+from ..rng import image_generators, randn_like, seed_for
 from ..validate import task_of
 from .pipeline import Pipeline
 from .samplers import SAMPLERS, euler, to_d
@@ -295,7 +295,7 @@ def inpaint(pipe: Pipeline, image, mask, num: int = 1, sampler: str = "ddpm", st
     if m.shape != x0.shape[2:]:
         raise UsageError(f"the mask is {tuple(m.shape)}, the image {tuple(x0.shape[2:])}")
     known = (~m).to(device, x0.dtype)[None, None]
-    gens = per_sample_generators([seed_for(seed, i) for i in range(num)])
+    gens = image_generators(seed, range(num))
     if labels is None and pipe.num_classes is not None:
         labels = [int(torch.randint(pipe.num_classes, (1,), generator=g)) for g in gens]
     kwargs = label_kwargs(pipe, labels, num, device)

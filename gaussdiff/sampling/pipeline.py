@@ -21,7 +21,7 @@ from ..data import to_uint8
 from ..diffusion.process import FIXED_VAR_TYPES, GaussianDiffusion, make_diffusion
 from ..diffusion.schedules import SIGMA_SCHEDULES, iddpm_sigmas, karras_sigmas, ve_sigmas, vp_sigmas
 from ..errors import UsageError
-from ..rng import per_sample_generators, seed_for
+from ..rng import image_generators
 from ..training.precision import autocast_forward
 from ..validate import check_sampling_numbers, task_of
 from .denoisers import ClipDenoised, pipeline_denoiser
@@ -186,7 +186,7 @@ class Pipeline:
         with autocast_forward(self.model, precision):   # the network only, not the sampler
             for start in range(0, num, batch_size):
                 idx = range(start_index + start, start_index + min(start + batch_size, num))
-                gens = per_sample_generators([seed_for(seed, i) for i in idx])
+                gens = image_generators(seed, idx)
                 kwargs = {}
                 if nc is not None:
                     if labels is not None:
