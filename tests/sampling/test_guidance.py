@@ -434,8 +434,10 @@ def test_cli_train_classifier_and_guided_sampling(dirs, tmp_path, capsys):
                      "--batch-size", "8", "--model-channels", "32", "--channel-mult", "1",
                      "--attention-resolutions", "8", "--num-head-channels", "32",
                      "--diffusion-steps", "100", "--log-every", "1", "--device", "cpu",
-                     "--no-progress"]) == 0
+                     "--ema-warmup", "true", "--keep", "1", "--no-progress"]) == 0
     assert "acc_q0" in open(f"{cls}/log.jsonl").read()
+    training = json.load(open(f"{cls}/config.json"))["training"]
+    assert training["ema_warmup"] is True and training["keep"] == 1   # train's options, shared
     # export copies the classifier's config and its EMA weights into a bundled directory
     assert cli_main(["export", cls, str(tmp_path / "cls-ema"), "--ema", "0.999"]) == 0
     from gaussdiff.training.classifier import load_classifier
