@@ -18,28 +18,25 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .checkpoint import (check_finite, holds_run, refresh_top_level, select_checkpoint, trim_log,
-                         write_checkpoint)
-from ..data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range, to_uint8
+from ..data import BatchSampler, ImageDataset, is_image_folder, load_dataset, to_model_range
 from ..data.augment import AUGMENT_DIM, AugmentPipe
 from ..diffusion.objectives import DiscreteObjective, Objective, SigmaObjective
 from ..diffusion.process import make_diffusion
-from ..diffusion.schedules import karras_sigmas
 from ..diffusion.timesteps import make_schedule_sampler
 from ..distributed import DistInfo, all_gather_cat, barrier, current, rank_seed, shard
 from ..errors import UsageError
+from ..images import save_grid
+from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, build_model,
+                        default_device, diffusion_section, ema_name, load_state_into, load_tensors,
+                        make_config, read_config)
+from ..nn.unet import UNetConfig
+from ..sampling.pipeline import Pipeline
+from ..validate import check_train_options
+from .checkpoint import (check_finite, holds_run, refresh_top_level, select_checkpoint, trim_log,
+                         write_checkpoint)
 from .evaluation import TrainingEval
 from .guard import BadStepGuard, all_finite
-from ..images import save_grid
-from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, build_model, default_device,
-                        diffusion_section, ema_name, load_state_into, load_tensors, make_config,
-                        read_config)
-from ..sampling.pipeline import Pipeline
-from ..nn.unet import UNetConfig
 from .precision import Autocast, make_scaler, resolve_precision
-from ..rng import per_sample_generators
-from ..sampling.samplers import heun
-from ..validate import check_train_options
 
 # Defaults where neither a preset nor a flag says otherwise (DDPM/Improved DDPM values where
 # the papers give one; a small network so that a bare `gaussdiff train` runs on a CPU).
@@ -472,35 +469,20 @@ class Trainer:
         return Pipeline(ema_model, self.objective.diffusion, self.config, self.out_dir)
 
     def write_samples(self):
-        pipe = self.ema_pipeline()
+        """samples/stepNNNNNNN.png: --sample-num images of the first EMA from seed 0 (the classes
+        in turn for a class-conditional model) by DDIM with --sample-steps steps, or for a
+        σ-space model by EDM's Heun sampler with that many steps (Pipeline.sample, as
+        `gaussdiff sample` draws them)."""
+        pipe, n = self.ema_pipeline(), self.o["sample_num"]
         low_res = None   # upsampler: the first training images, downsampled
         if self.o.get("task") == "upsample":
-            low_res = self.low_res_of(to_model_range(self.images[:self.o["sample_num"]])).to(self.device)
-        if pipe.denoiser is not None:
-            images = self.sample_sigma_space(pipe.denoiser, low_res)
-        else:
-            images, _ = pipe.sample(self.o["sample_num"], "ddim", self.o["sample_steps"], seed=0,
-                                    progress=False, low_res=low_res)
+            low_res = self.low_res_of(to_model_range(self.images[:n])).to(self.device)
+        labels = [i % self.o["num_classes"] for i in range(n)] if self.o.get("num_classes") else None
+        images, _ = pipe.sample(n, "heun" if pipe.denoiser is not None else "ddim",
+                                self.o["sample_steps"], seed=0, labels=labels, progress=False,
+                                low_res=low_res)
         os.makedirs(os.path.join(self.out_dir, "samples"), exist_ok=True)
         save_grid(os.path.join(self.out_dir, "samples", f"step{self.step:07d}.png"), images)
-
-    @torch.no_grad()
-    def sample_sigma_space(self, denoiser, low_res=None):
-        """Sample grid of a σ-space model: EDM's Heun sampler, --sample-steps steps on EDM's
-        ρ = 7 levels within the range the network was trained for; image i from seed i."""
-        n, o = self.o["sample_num"], self.o
-        sigmas = karras_sigmas(o["sample_steps"], max(0.002, denoiser.sigma_min),
-                               min(80.0, denoiser.sigma_max))
-        gens = per_sample_generators(range(n))
-        shape = (o["channels"], o["image_size"], o["image_size"])
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device) * sigmas[0]
-        kwargs = {}
-        if o.get("num_classes"):
-            kwargs["y"] = torch.arange(n, device=self.device) % o["num_classes"]
-        if low_res is not None:
-            kwargs["low_res"] = low_res[:n]
-        denoiser.eval()
-        return to_uint8(heun(denoiser, x, sigmas, generator=gens, model_kwargs=kwargs).clamp(-1, 1))
 
     def run(self):
         o = self.o
