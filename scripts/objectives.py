@@ -17,7 +17,8 @@ auto); the runs differ only in the objective flags of RUNS. Stages, in this orde
   Fashion-MNIST classifier on 1,000 samples (cheap), then the best one's FID on --num samples.
 
 Each stage writes results/objectives/NAME.STAGE.json (its command, machine and numbers) and is
-skipped when that file exists. `--table` writes results/objectives/table.md from them.
+skipped when that file exists. `--table` writes results/objectives/table.md and the bar chart
+docs/objectives.png from them.
 """
 from __future__ import annotations
 
@@ -160,6 +161,35 @@ def table(out: str) -> str:
     return text
 
 
+def bar_chart(out: str, path: str):
+    """The README's bar chart: FID at Heun 35 NFE and at the best sampler per run, and the NLL of
+    the runs that have one (the records present; nothing when none is)."""
+    from gaussdiff.plot import new_figure, save_figure
+
+    def value(name, stage, get):
+        f = os.path.join(out, f"{name}.{stage}.json")
+        return get(json.load(open(f))) if os.path.exists(f) else None
+    names = [n for n in RUNS if value(n, "fid-heun35", lambda r: 1)]
+    if not names:
+        return None
+    fig, (ax, ax2) = new_figure(2)
+    x = list(range(len(names)))
+    fixed = [value(n, "fid-heun35", lambda r: r["metrics"]["fid"]) for n in names]
+    best = [value(n, "best", lambda r: r["fid"]["metrics"]["fid"]) or 0 for n in names]
+    ax.bar([i - 0.2 for i in x], fixed, 0.4, label="Heun 35 NFE")
+    ax.bar([i + 0.2 for i in x], best, 0.4, label="best sampler")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("FID (against the 10k test set)")
+    ax.legend(fontsize=7)
+    nll = [(n, value(n, "nll", lambda r: r["result"]["bpd"])) for n in NLL_RUNS]
+    nll = [(n, b) for n, b in nll if b]
+    ax2.bar(range(len(nll)), [b["mean"] for _, b in nll], 0.5, yerr=[b["stderr"] for _, b in nll])
+    ax2.set_xticks(range(len(nll)), [n for n, _ in nll], rotation=30, ha="right", fontsize=7)
+    ax2.set_ylabel("NLL, VLB (bits/dim)")
+    save_figure(fig, path)
+    return path
+
+
 def write_text(path: str, text: str):
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -179,7 +209,8 @@ def main(argv=None):
     ap.add_argument("--table", action="store_true", help="only write OUT/table.md from the records")
     args = ap.parse_args(argv)
     if args.table:
-        return print(table(args.out), end="")
+        print(table(args.out), end="")
+        return bar_chart(args.out, os.path.join(ROOT, "docs", "objectives.png"))
     todo = [(n, s) for n in RUNS for s in stages(n) if re.search(args.only, f"{n}.{s}")]
     if args.list:
         for n, s in todo:
@@ -199,6 +230,7 @@ def main(argv=None):
         write_json(dest, record)
         print(f"{n}.{s} done", flush=True)
     table(args.out)
+    bar_chart(args.out, os.path.join(ROOT, "docs", "objectives.png"))
 
 
 if __name__ == "__main__":
