@@ -6,7 +6,7 @@ generator, so a seed gives the same image whatever the batch size.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import numpy as np
 import torch

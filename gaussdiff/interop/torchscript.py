@@ -49,7 +49,7 @@ class PositionalModel(torch.nn.Module):
 def example_inputs(config: dict, batch: int = 2, seed: int = 0):
     """(inputs, names of the conditioning inputs) for tracing the network of `config`."""
     g = torch.Generator().manual_seed(seed)
-    d, m = config["data"], config["model"]
+    m = config["model"]
     C, S = m["in_channels"], m["image_size"]
     steps = num_timesteps(config) or 1000   # σ-space: the σ input replaces t (export_torchscript)
     inputs = [torch.randn(batch, C, S, S, generator=g),

@@ -23,7 +23,7 @@ import hashlib
 import importlib.util
 import os
 import warnings
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch

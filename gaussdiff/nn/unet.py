@@ -10,8 +10,8 @@ head layout of the qkv projection.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
