@@ -86,11 +86,11 @@ class Objective(Protocol):
 
 
 class _TimestepObjective:
-    """Shared by the objectives whose noise level is a discrete timestep t of `diffusion`."""
-    sampler: Optional[ScheduleSampler] = None
+    """Shared by the objectives whose noise level is a discrete timestep t of `diffusion`,
+    drawn by `sampler`."""
 
-    def __init__(self, diffusion: GaussianDiffusion):
-        self.diffusion, self.num_timesteps = diffusion, diffusion.num_timesteps
+    def __init__(self, diffusion: GaussianDiffusion, sampler: ScheduleSampler):
+        self.diffusion, self.sampler, self.num_timesteps = diffusion, sampler, diffusion.num_timesteps
 
     def network(self, model):
         return model
@@ -119,8 +119,8 @@ class DiscreteObjective(_TimestepObjective):
     unused_options = SIGMA_OPTIONS
 
     def __init__(self, diffusion: GaussianDiffusion, sampler: ScheduleSampler, config: dict):
-        super().__init__(diffusion)
-        self.sampler, self.config = sampler, config   # config: the "diffusion" section
+        super().__init__(diffusion, sampler)
+        self.config = config   # the "diffusion" section
 
     def sections(self):
         return {"diffusion": dict(self.config)}
@@ -182,8 +182,8 @@ class ClassifierObjective(_TimestepObjective):
     unused_options = DISCRETE_LOSS_OPTIONS + SIGMA_OPTIONS
 
     def __init__(self, diffusion: GaussianDiffusion, sampler: ScheduleSampler, schedule: dict):
-        super().__init__(diffusion)
-        self.sampler, self.schedule = sampler, schedule   # {"schedule", "steps"}
+        super().__init__(diffusion, sampler)
+        self.schedule = schedule   # {"schedule", "steps"}
 
     def sections(self):
         return {"diffusion": dict(self.schedule)}
