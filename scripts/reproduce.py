@@ -12,7 +12,8 @@ the spread of the other rows over seeds is the noise level its comparison is rea
 
 Each point runs `gaussdiff sample ... --out WORK/NAME.npz` (sharded, so an interrupted point
 resumes its shards) and `gaussdiff eval ... --out OUT/NAME.json`; a point whose JSON exists is
-skipped, so the script can be stopped and restarted at any time, across sessions. Every JSON
+skipped, so the script can be stopped and restarted at any time, across sessions (shards of
+250 images; `--work wip/repro` keeps them in the repository when a point spans sessions). Every JSON
 records the two command lines and the machine. `--figures` writes docs/repro/*.png and
 OUT/table.md from the JSONs present. Points run in the order listed (`--list`): headline rows
 first, then the figures.
@@ -159,7 +160,7 @@ def do_point(p, out: str, work: str):
             os.replace(samples + ".tmp.npz", samples)
     else:
         sample_cmd = G + ["sample"] + p["sample"] + ["--num", str(p["num"]), "--out", samples,
-                                                     "--no-progress"]
+                                                     "--shard-size", "250", "--no-progress"]
         if not os.path.exists(samples):
             run(sample_cmd)
     sampled = time.time()
