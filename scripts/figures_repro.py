@@ -74,7 +74,7 @@ def draw(out: str, docs: str):
             pts = sorted((r["tags"][key], r["metrics"]["fid"]) for r in groups[group])
             fig, ax = plt.subplots(figsize=(5, 4))
             ax.plot(*zip(*pts), marker="o")
-            ax.set(xlabel=xlabel, ylabel="FID", title="ε-model, Heun 35 NFE, EDM Algorithm 2")
+            ax.set(xlabel=xlabel, ylabel="FID", title="fashion-small, Heun 35 NFE, EDM Algorithm 2")
             save(fig, fname)
     if groups["fig8"]:
         curves = defaultdict(list)

@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G = [sys.executable, "-m", "gaussdiff"]
-EPS, EDM, CLS = "models/fashion-small", "models/fashion-cond-edm", "models/fashion-classifier"
+SMALL, EDM, CLS = "models/fashion-small", "models/fashion-cond-edm", "models/fashion-classifier"
 FEATURE_NET = "models/fashion-feature-net"   # the data classifier behind IS (is_NAME)
 REF = ["--ref", "fashion-mnist", "--ref-split", "test", "--ref-num", "10000"]
 SHIPPED = os.path.join(ROOT, "results", "reference")   # compact FID statistics kept in git
@@ -49,50 +49,50 @@ def points(num: int, headline_num: int, ddpm_seeds: int = 1):
     def add(name, sample, num=num, metrics="fid", **tags):
         P.append(dict(name=name, sample=sample, metrics=metrics, num=num, tags=tags))
 
-    # headline rows: the floor, DDPM 1000 and Heun 35 on the ε-model, Heun 35 on the EDM model
+    # headline rows: the floor, DDPM 1000 and Heun 35 on fashion-small (v-prediction, learned Σ), Heun 35 on the EDM model
     for seed in (0, 1, 2):
         add(f"floor-train-s{seed}", None, headline_num, group="headline", seed=seed)
-        add(f"eps-heun35-s{seed}", [EPS, "--sampler", "heun", "--steps", "18", "--seed", str(seed)],
+        add(f"small-heun35-s{seed}", [SMALL, "--sampler", "heun", "--steps", "18", "--seed", str(seed)],
             headline_num, group="headline", seed=seed)
         add(f"edm-heun35-s{seed}", [EDM, "--sampler", "heun", "--steps", "18", "--seed", str(seed)],
             headline_num, group="headline", seed=seed)
         if seed < ddpm_seeds:
-            add(f"eps-ddpm1000-s{seed}", [EPS, "--sampler", "ddpm", "--steps", "1000", "--seed", str(seed)],
+            add(f"small-ddpm1000-s{seed}", [SMALL, "--sampler", "ddpm", "--steps", "1000", "--seed", str(seed)],
                 headline_num, group="headline", seed=seed)
     # EDM Fig. 2: FID against NFE per sampler, on both models
     for nfe in (10, 20, 35, 50, 100):
-        for model, tag in ((EPS, "eps"), (EDM, "edm")):
-            for sampler in ("euler", "heun", "dpmpp_2m", "ddim" if tag == "eps" else "ddim_sigma",
-                            "ddpm" if tag == "eps" else "euler_ancestral"):
+        for model, tag in ((SMALL, "small"), (EDM, "edm")):
+            for sampler in ("euler", "heun", "dpmpp_2m", "ddim" if tag == "small" else "ddim_sigma",
+                            "ddpm" if tag == "small" else "euler_ancestral"):
                 steps = heun_steps(nfe) if sampler == "heun" else nfe
                 actual = 2 * steps - 1 if sampler == "heun" else nfe   # heun: 2N − 1 evaluations
                 add(f"fig2-{tag}-{sampler}-{actual}", [model, "--sampler", sampler, "--steps", str(steps)],
                     group="fig2", model=tag, sampler=sampler, nfe=actual)
-    # EDM Fig. 4: the stochastic sampler against the deterministic one, ε-model, Heun 35 NFE
+    # EDM Fig. 4: the stochastic sampler against the deterministic one, fashion-small, Heun 35 NFE
     for churn in (0, 5, 10, 20, 40, 80):
-        add(f"fig4-churn{churn}", [EPS, "--sampler", "heun", "--steps", "18", "--churn", str(churn),
+        add(f"fig4-churn{churn}", [SMALL, "--sampler", "heun", "--steps", "18", "--churn", str(churn),
                                    "--tmin", "0.05", "--tmax", "50", "--snoise", "1.003"],
             group="fig4", churn=churn)
     # Improved DDPM Fig. 8: respaced DDPM with learned Σ, fixed Σ (both) and DDIM
     for steps in (25, 50, 100, 250):
         for variant, extra in (("learned", []), ("fixed_small", ["--var-type", "fixed_small"]),
                                ("fixed_large", ["--var-type", "fixed_large"])):
-            add(f"fig8-ddpm-{variant}-{steps}", [EPS, "--sampler", "ddpm", "--steps", str(steps)] + extra,
+            add(f"fig8-ddpm-{variant}-{steps}", [SMALL, "--sampler", "ddpm", "--steps", str(steps)] + extra,
                 group="fig8", variant=f"ddpm {variant}", steps=steps)
-        add(f"fig8-ddim-{steps}", [EPS, "--sampler", "ddim", "--steps", str(steps)],
+        add(f"fig8-ddim-{steps}", [SMALL, "--sampler", "ddim", "--steps", str(steps)],
             group="fig8", variant="ddim", steps=steps)
     # ADM Tables 15-16: the sweep's best five-section schedule (90,60,60,20,20 steps over the five
     # fifths of t, t = 0 first) against uniform spacing at 250 steps, and the same proportions
     # at 50 steps; DDPM, as ADM sampled its LSUN models
     for steps, sections in ((50, "18,12,12,4,4"), (250, "90,60,60,20,20")):
-        add(f"adm-uniform-{steps}", [EPS, "--sampler", "ddpm", "--steps", str(steps)],
+        add(f"adm-uniform-{steps}", [SMALL, "--sampler", "ddpm", "--steps", str(steps)],
             group="adm-sections", steps=steps, spacing="uniform")
-        add(f"adm-sections-{steps}", [EPS, "--sampler", "ddpm", "--steps", sections],
+        add(f"adm-sections-{steps}", [SMALL, "--sampler", "ddpm", "--steps", sections],
             group="adm-sections", steps=steps, spacing=sections)
     # ADM Fig. 6: classifier-guidance scale; classifier-free weight on the EDM model
     gm = "fid,prec,rec,is"
     for scale in (0, 1, 2, 4, 8):
-        add(f"fig6-classifier-{scale}", [EPS, "--sampler", "ddpm", "--steps", "100", "--classifier", CLS,
+        add(f"fig6-classifier-{scale}", [SMALL, "--sampler", "ddpm", "--steps", "100", "--classifier", CLS,
                                           "--classifier-scale", str(scale)],
             metrics=gm, group="fig6-classifier", scale=scale)
     for w in (1, 1.5, 2, 3, 4):
