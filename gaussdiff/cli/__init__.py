@@ -37,7 +37,7 @@ from ..sampling.sharded import finish, sample_in_shards
 from .tools import add_guidance_arguments, add_tools_parsers, guidance_from_args, sample_cascade
 from ..training.batch_size import autotune_batch_size
 from ..training.classifier import load_classifier
-from ..training.evaluation import inherit_eval_options
+from ..training.evaluation import inherit_run_options
 from ..training.precision import resolve_precision
 from ..training.presets import PRESETS, get_preset
 from ..training.trainer import DEFAULTS, Trainer
@@ -144,6 +144,10 @@ def add_train_parser(sub):
                                                     "for σ-space objectives)")
     g.add_argument("--sample-num", type=int)
     g.add_argument("--log-every", type=int)
+    g.add_argument("--tensorboard", nargs="?", const=True, metavar="DIR",
+                   help="also write the log (loss terms, lr, gradient norm, images/s, eval_*) and "
+                        "the sample grids as TensorBoard event files, to DIR or OUT/tensorboard "
+                        "(needs the tensorboard package); `tensorboard --logdir OUT` shows them")
     g = p.add_argument_group("sample quality during training (log.jsonl: eval_<metric>, eval_nfe, "
                              "eval_seconds; kept by --resume)")
     g.add_argument("--eval-every", type=int, metavar="N",
@@ -187,7 +191,7 @@ def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     opts.update(given)
     if args.resume:   # the run's --eval-* options, unless given again
-        inherit_eval_options(opts, given, args.out)
+        inherit_run_options(opts, given, args.out)
     dist, device = setup(args.device)   # torchrun: a process group; else one process
     created = not os.path.exists(args.out)
     try:

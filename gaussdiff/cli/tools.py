@@ -127,8 +127,8 @@ def add_train_classifier_parser(sub):
               "num_res_blocks", "attention_resolutions", "num_heads", "num_head_channels",
               "dropout", "use_scale_shift_norm", "resblock_updown", "norm_groups", "batch_size",
               "lr", "weight_decay", "warmup", "lr_anneal_steps", "grad_clip", "ema", "ema_warmup",
-              "steps", "seed", "save_every", "keep", "log_every", "microbatch", "precision",
-              "force_precision")
+              "steps", "seed", "save_every", "keep", "log_every", "tensorboard", "microbatch",
+              "precision", "force_precision")
     for action in train_parser._actions:   # the same options as `gaussdiff train`
         if action.dest in shared:
             p._add_action(action)

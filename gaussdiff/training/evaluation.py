@@ -27,18 +27,19 @@ from ..modeldir import CONFIG_NAME
 from ..metrics.sweep import generate, parse_sampler_spec
 
 EVAL_KEYS = ("eval_every", "eval_samples", "eval_sampler", "eval_metric", "eval_feature_net")
+INHERITED_KEYS = EVAL_KEYS + ("tensorboard",)   # what --resume takes from the run unless given
 EVAL_METRICS = ("fd", "fid")
 
 
-def inherit_eval_options(opts: dict, given, out_dir: str):
-    """--resume: the evaluation options saved in the run's config.json, where the command line
-    gives none."""
+def inherit_run_options(opts: dict, given, out_dir: str):
+    """--resume: the evaluation and TensorBoard options saved in the run's config.json, where
+    the command line gives none."""
     try:
         with open(os.path.join(out_dir, CONFIG_NAME)) as f:
             saved = json.load(f)["training"]
     except (OSError, ValueError, KeyError, TypeError):
         return   # no saved run yet: --resume reports that itself
-    for key in EVAL_KEYS:
+    for key in INHERITED_KEYS:
         if key not in given and key in saved:
             opts[key] = saved[key]
 

@@ -2,7 +2,7 @@
 
 A run directory holds config.json, model.safetensors, ema_<rate>.safetensors, state.safetensors
 + state.json (optimizer, step, RNG and data-order state, so --resume continues bit for bit),
-log.jsonl (metrics) and samples/ (grids).
+log.jsonl (metrics) and samples/ (grids); with --tensorboard, event files of both.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ..diffusion.process import make_diffusion
 from ..diffusion.timesteps import make_schedule_sampler
 from ..distributed import DistInfo, all_gather_cat, barrier, current, rank_seed, shard
 from ..errors import UsageError
-from ..images import save_grid
+from ..images import make_grid, save_grid
 from ..modeldir import (CONFIG_NAME, DIFFUSION_OPTIONAL, TASKS, WEIGHTS_NAME, build_model,
                         default_device, diffusion_section, ema_name, load_state_into, load_tensors,
                         make_config, read_config)
@@ -37,6 +37,7 @@ from .checkpoint import (check_finite, holds_run, refresh_top_level, select_chec
 from .evaluation import TrainingEval
 from .guard import BadStepGuard, all_finite
 from .precision import Autocast, make_scaler, resolve_precision
+from .tensorboard import TensorBoardLog, check_tensorboard, tensorboard_dir
 
 # Defaults where neither a preset nor a flag says otherwise (DDPM/Improved DDPM values where
 # the papers give one; a small network so that a bare `gaussdiff train` runs on a CPU).
@@ -65,7 +66,9 @@ DEFAULTS = dict(
     keep=3, max_bad_steps=20,
     # sample quality during training (evaluation.py): every N steps (0: off), M samples;
     # sampler None: heun:18 (σ-space) or ddim:50; metric None: fd with a feature net, else fid
-    eval_every=0, eval_samples=256, eval_sampler=None, eval_metric=None, eval_feature_net=None)
+    eval_every=0, eval_samples=256, eval_sampler=None, eval_metric=None, eval_feature_net=None,
+    # TensorBoard event files (tensorboard.py): True for OUT/tensorboard, or a directory
+    tensorboard=None)
 
 
 def parse_floats(text, what: str) -> List[float]:
@@ -270,6 +273,10 @@ class Trainer:
         elif self.dist.is_main:   # a run that crashed before its first checkpoint: a fresh log
             trim_log(os.path.join(out_dir, "log.jsonl"), 0)
         self.build_forward()
+        self.tb_dir = tensorboard_dir(o.get("tensorboard"), out_dir) if self.dist.is_main else None
+        if self.tb_dir:
+            check_tensorboard(self.tb_dir)
+        self.tb: Optional[TensorBoardLog] = None   # opened by run()
         if data_note and self.dist.is_main and not resume:
             print(data_note, file=sys.stderr)
 
@@ -441,9 +448,13 @@ class Trainer:
             self.objective.observe(draw, losses["loss"])
         finite = self.scaler.unscale_(self.model.parameters())   # fp16: False on overflow
         finite = finite and all_finite(losses["loss"], self.model.parameters())   # NaN/inf guard
+        grad_norm = None
         if finite:
-            if self.o["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.o["grad_clip"])
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if self.o["grad_clip"] > 0:   # the norm before clipping
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.o["grad_clip"])
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(grads)
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step)
             self.opt.step()
@@ -454,7 +465,8 @@ class Trainer:
         self.guard.update(finite, self.step + 1, recoverable)   # stops after --max-bad-steps
         self.step += 1
         quarters = self.objective.quarters(draw)
-        return losses | ({"quarter": quarters} if quarters is not None else {})
+        return (losses | ({"quarter": quarters} if quarters is not None else {})
+                | ({"grad_norm": grad_norm.detach()} if grad_norm is not None else {}))
 
     # ---------------------------------------------------------------- the loop
     def ema_pipeline(self):
@@ -483,8 +495,21 @@ class Trainer:
                                 low_res=low_res)
         os.makedirs(os.path.join(self.out_dir, "samples"), exist_ok=True)
         save_grid(os.path.join(self.out_dir, "samples", f"step{self.step:07d}.png"), images)
+        if self.tb is not None:
+            self.tb.image(make_grid(images), self.step)
 
     def run(self):
+        if self.tb_dir:   # a resumed run: the events of steps after its checkpoint are dropped
+            self.tb = TensorBoardLog(self.tb_dir, resumed_at=self.step)
+        try:
+            self.loop()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+        barrier()   # torchrun: no process leaves before rank 0 has written the last checkpoint
+        return self
+
+    def loop(self):
         o = self.o
         log_path = os.path.join(self.out_dir, "log.jsonl")
         main = self.dist.is_main   # under torchrun, rank 0 alone writes logs, checkpoints, grids
@@ -498,6 +523,8 @@ class Trainer:
             for k in self.LOG_KEYS:
                 if k in out:
                     acc.setdefault(k, []).append(out[k].mean().item())
+            if "grad_norm" in out:   # the steps skipped as non-finite have none
+                acc.setdefault("grad_norm", []).append(out["grad_norm"].item())
             for q in range(4 if "quarter" in out else 0):   # loss by quarter of the process
                 # (as improved-diffusion logs it; timestep objectives only)
                 sel = out["quarter"] == q
@@ -513,20 +540,23 @@ class Trainer:
                 if self.precision == "fp16":
                     rec.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
-                if main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                self.write_log(log_path, rec)
                 acc, t_start, n_images = {}, time.perf_counter(), 0
             if self.evaluator.due(self.step, o["steps"]):   # before the checkpoint: a crash
                 rec = self.evaluator(self.ema_pipeline(), self.data.images, self.step, self.dist,
                                      o["batch_size"], self.data.name)   # redoes it on --resume
-                if main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                self.write_log(log_path, rec)
             if main and (self.step % o["save_every"] == 0 or self.step == o["steps"]):
                 self.save_checkpoint()
             if main and o["sample_every"] and self.step % o["sample_every"] == 0:
                 self.write_samples()
         bar.close()
-        barrier()   # torchrun: no process leaves before rank 0 has written the last checkpoint
-        return self
+
+    def write_log(self, log_path: str, rec: dict):
+        """A record to log.jsonl and, with --tensorboard, to the event files (main process)."""
+        if not self.dist.is_main:
+            return
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            self.tb.record(rec)
