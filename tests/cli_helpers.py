@@ -1,4 +1,5 @@
 """Helpers shared by the tests that run `gaussdiff` as a user does (in a subprocess)."""
+import json
 import os
 import subprocess
 import sys
@@ -33,3 +34,15 @@ def make_npz(path, n=32, channels=1, seed=0):
     rng = np.random.default_rng(seed)
     np.savez(path, rng.integers(0, 256, size=(n, 8, 8, channels), dtype=np.uint8))
     return path
+
+
+def data_dir(tmp_path_factory, name: str):
+    """A module's working directory holding data.npz (make_npz)."""
+    d = tmp_path_factory.mktemp(name)
+    make_npz(d / "data.npz")
+    return d
+
+
+def log_records(run):
+    """The records of a run's log.jsonl."""
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

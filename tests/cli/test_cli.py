@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cli_helpers import TINY, make_npz, run_cli
+from cli_helpers import TINY, data_dir, log_records, run_cli
 
 def ok(proc):
     assert proc.returncode == 0, proc.stderr
@@ -29,9 +29,7 @@ def assert_usage_error(proc, *mentions):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    make_npz(d / "data.npz")
-    return d
+    return data_dir(tmp_path_factory, "cli")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +52,7 @@ def test_train_writes_model_directory(trained):
     assert json.loads((trained / "state.json").read_text())["step"] == 4
     for f in WEIGHT_FILES:
         assert (trained / f).stat().st_size > 0
-    log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    log = log_records(trained)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["vb"]) for r in log)
 

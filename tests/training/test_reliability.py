@@ -16,7 +16,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zipfile
 
@@ -33,7 +32,7 @@ from gaussdiff.data import load_dataset, load_image_folder, load_npz, read_idx, 
 from gaussdiff.errors import UsageError
 from gaussdiff.nn.unet import UNetConfig
 
-from cli_helpers import TINY as TINY_BASE, cli, make_npz
+from cli_helpers import TINY as TINY_BASE, cli, data_dir, log_records
 
 TINY = TINY_BASE + ["--save-every", "1"]   # a checkpoint after every step (the last flag wins)
 STEPS = 16
@@ -58,15 +57,9 @@ def one_line(text: str, *mentions):
     return lines[0]
 
 
-def log_records(run):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reliability")
-    make_npz(d / "data.npz")
-    return d
+    return data_dir(tmp_path_factory, "reliability")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """`train --tensorboard`: the event files hold what log.jsonl holds, the sample grids, and each
 step once after a resume; the gradient norm it logs is the norm of the gradients the optimizer
 used (before clipping)."""
-import json
 import shutil
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from cli_helpers import TINY, make_npz, run_cli  # noqa: E402
+from cli_helpers import TINY, data_dir, log_records, run_cli  # noqa: E402
 from gaussdiff.training.trainer import DEFAULTS, Trainer  # noqa: E402
 
 RUN = ["--data", "data.npz", "--steps", "4", *TINY, "--sample-every", "2", "--sample-num", "4",
@@ -24,15 +23,9 @@ def events(log_dir):
     return acc
 
 
-def log_records(run):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tensorboard")
-    make_npz(d / "data.npz")
-    return d
+    return data_dir(tmp_path_factory, "tensorboard")
 
 
 @pytest.fixture(scope="module")
