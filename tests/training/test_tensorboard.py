@@ -125,3 +125,16 @@ def test_without_the_option_nothing_is_written(workdir):
     assert r.returncode == 0, r.stderr
     assert not (workdir / "plain" / "tensorboard").exists()
     assert "grad_norm" in log_records(workdir / "plain")[0]
+
+
+def test_training_time_evaluation_is_under_eval(tmp_path):
+    """An --eval-every record (evaluation.py's keys eval_<metric>, eval_nfe, eval_seconds) goes
+    to eval/<metric>; non-numbers and the step are not scalars."""
+    from gaussdiff.training.tensorboard import TensorBoardLog
+    tb = TensorBoardLog(str(tmp_path))
+    tb.record({"step": 6, "eval_fid": 12.5, "eval_nfe": 35, "eval_seconds": 1.25, "note": "x",
+               "flag": True})
+    tb.close()
+    acc = events(tmp_path)
+    assert sorted(acc.Tags()["scalars"]) == ["eval/fid", "eval/nfe", "eval/seconds"]
+    assert [(e.step, e.value) for e in acc.Scalars("eval/fid")] == [(6, 12.5)]
