@@ -104,6 +104,16 @@ def compute_features(network, images: np.ndarray, batch_size: int = 50, progress
     return feats
 
 
+def reference_key(images: np.ndarray, network_spec: str, label: str, kind: str):
+    """(key, file name) of the cached statistics of `images` under a feature network: the key
+    names the images by hash, their count and the network; the name carries a digest of it."""
+    key = json.dumps({"version": CACHE_VERSION, "images": images_sha1(images), "num": len(images),
+                      "network": network_spec}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40] or "ref"
+    return key, f"ref-{safe}-{kind}-{len(images)}-{digest}.npz"
+
+
 def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str,
                          batch_size: int = 50, progress: bool = True,
                          need: Iterable[str] = ()) -> Dict[str, np.ndarray]:
@@ -114,12 +124,9 @@ def reference_statistics(network, images: np.ndarray, label: str, cache_dir: str
     need: the arrays the caller uses; a cache file without one of them (a compact copy made
     by `compact_reference`, e.g. FID statistics without the features) is recomputed.
     """
-    key = json.dumps({"version": CACHE_VERSION, "images": images_sha1(images), "num": len(images),
-                      "network": _network_spec(network)}, sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     kind = "inception" if isinstance(network, InceptionFeatures) else "net"
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40] or "ref"
-    path = os.path.join(cache_dir, f"ref-{safe}-{kind}-{len(images)}-{digest}.npz")
+    key, name = reference_key(images, _network_spec(network), label, kind)
+    path = os.path.join(cache_dir, name)
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as f:

@@ -650,3 +650,31 @@ def test_frechet_input_checks_and_round_off_threshold():
     np.testing.assert_array_equal(_clip_round_off(at), [1.0, 0.0, 0.0])
     assert _clip_round_off(np.zeros(0)).shape == (0,)
     assert frechet_distance(np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0))) == 0.0
+
+
+def test_shipped_test_set_statistics_are_the_protocols_reference():
+    """results/reference/ ships the FID reference of issue 11's protocol so that no machine has to
+    recompute it (~70 core-minutes): one compact file whose key names exactly the whole
+    Fashion-MNIST test set (image hash, 10,000 images) under the standard Inception network, whose
+    name is the one `gaussdiff eval --ref fashion-mnist --ref-split test --ref-num 10000` looks
+    up in its cache, and which holds a float32 mean [2048] and a symmetric positive
+    semi-definite covariance [2048, 2048]. (The file was once left out by .gitignore, and every
+    new machine silently recomputed it.)"""
+    from gaussdiff.data import load_dataset
+    from gaussdiff.data.readers import FASHION_MNIST_DIR
+    from gaussdiff.metrics.evaluate import reference_key
+    shipped = os.path.join(os.path.dirname(__file__), "..", "..", "results", "reference")
+    files = [f for f in os.listdir(shipped) if f.endswith(".npz")]
+    assert len(files) == 1, f"expected one shipped reference in {shipped}, found {files}"
+    with np.load(os.path.join(shipped, files[0]), allow_pickle=False) as f:
+        key, mu, sigma = str(f["key"]), f["pool_mu"], f["pool_sigma"]
+        assert set(f.files) == {"key", "pool_mu", "pool_sigma"}
+    assert mu.dtype == sigma.dtype == np.float32 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    np.testing.assert_array_equal(sigma, sigma.T)
+    assert np.linalg.eigvalsh(sigma.astype(np.float64)).min() > -1e-4 * np.trace(sigma) / 2048
+    if not os.path.isdir(FASHION_MNIST_DIR):
+        pytest.skip(f"the Fashion-MNIST files are not under {FASHION_MNIST_DIR}")
+    images = load_dataset("fashion-mnist", "test").images
+    assert len(images) == 10000
+    want_key, want_name = reference_key(images, inception_mod.NETWORK_ID, "fashion-mnist-test", "inception")
+    assert key == want_key and files[0] == want_name
