@@ -5,7 +5,8 @@
 Every run trains the bundled network (preset fashion-small: the 1.19M-parameter ADM UNet) on
 the 60k Fashion-MNIST training images with batch 64, lr 5e-4 after 200 warm-up steps, EMA
 0.999 with warm-up, seed 0 and --steps S at the fastest precision the CPU has (--precision
-auto); the runs differ only in the objective flags of RUNS. Stages, in this order for each run:
+auto); the runs differ only in the objective flags of RUNS (and hybrid-cosine-fp32 in its precision
+alone: issue 15's check that bf16 autocast trains the same model). Stages, in this order for each run:
 
 - train: `gaussdiff train ... --out wip/objectives/NAME` (resumable with --resume: a stopped
   stage continues where its last checkpoint was; `wip/` is committed between sessions);
@@ -55,6 +56,11 @@ RUNS = {
     "edm": (["--objective", "edm"], "sigma"),
     "edm-augment": (["--objective", "edm", "--augment", "0.12"], "sigma"),
 }
+# Issue 15's check that --precision auto changes nothing but the speed: the hybrid-cosine run again
+# in fp32 (on a CPU with native bf16, hybrid-cosine itself runs under bf16 autocast; the log
+# records which), compared by loss curve and FID at Heun 35 NFE.
+TWINS = {"hybrid-cosine-fp32": "hybrid-cosine"}
+RUNS["hybrid-cosine-fp32"] = (RUNS["hybrid-cosine"][0] + ["--precision", "fp32"], "ddpm")
 # The claims' runs get the NLL: hybrid and vlb against simple, cosine against linear.
 NLL_RUNS = ("simple-linear", "simple-cosine", "hybrid-linear", "hybrid-cosine", "vlb-cosine")
 FIXED = ["--sampler", "heun", "--steps", "18"]   # 35 NFE
@@ -120,6 +126,8 @@ def sample_and_score(name: str, sampler: list, tag: str, num: int, metrics: str,
 
 
 def stages(name: str):
+    if name in TWINS:
+        return ["train", "fid-heun35"]
     return ["train"] + (["nll"] if name in NLL_RUNS else []) + ["fid-heun35", "best"]
 
 
@@ -146,11 +154,11 @@ def table(out: str) -> str:
     def load(name, stage):
         path = os.path.join(out, f"{name}.{stage}.json")
         return json.load(open(path)) if os.path.exists(path) else None
-    rows = ["| run | objective flags | NLL (bits/dim, VLB) | FID, Heun 35 NFE | best sampler (FD) | its FID |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| run | objective flags | precision | NLL (bits/dim, VLB) | FID, Heun 35 NFE | best sampler (FD) | its FID |",
+            "|---|---|---|---|---|---|---|"]
     for name, (flags, _) in RUNS.items():
-        nll, fixed, best = load(name, "nll"), load(name, "fid-heun35"), load(name, "best")
-        cells = [name, " ".join(flags),
+        trained, nll, fixed, best = (load(name, s) for s in ("train", "nll", "fid-heun35", "best"))
+        cells = [name, " ".join(flags), trained["last_log"].get("precision", "?") if trained else "—",
                  f"{nll['result']['bpd']['mean']:.3f} ± {nll['result']['bpd']['stderr']:.3f}" if nll else "—",
                  f"{fixed['metrics']['fid']:.1f}" if fixed else "—",
                  best["best"] if best else "—", f"{best['fid']['metrics']['fid']:.1f}" if best else "—"]

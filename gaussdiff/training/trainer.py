@@ -534,7 +534,8 @@ class Trainer:
             if self.step % o["log_every"] == 0 or self.step == o["steps"]:
                 elapsed = time.perf_counter() - t_start
                 rec = {"step": self.step, "lr": self.lr_at(self.step - 1),
-                       "images_per_s": n_images / max(elapsed, 1e-9)}
+                       "images_per_s": n_images / max(elapsed, 1e-9),
+                       "precision": self.precision}   # as resolved: --precision auto may differ by machine
                 rec.update({k: float(np.mean(v)) for k, v in acc.items()})
                 rec["bad_steps"] = self.guard.take_log_count()   # skipped since the last record
                 if self.precision == "fp16":

@@ -235,6 +235,7 @@ def test_resume_is_bit_exact_for_every_precision(data, tmp_path, precision, micr
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(cut.opt.state_dict()["state"][pid][k]))
     assert (ref.scaler.scale, ref.scaler.skipped) == (cut.scaler.scale, cut.scaler.skipped)
     assert _log(tmp_path / "ref") == _log(tmp_path / "cut")
+    assert {r["precision"] for r in _log(tmp_path / "cut")} == {precision}   # the one that ran
     if precision == "fp16":   # the test means something only if the scale moved
         assert ref.scaler.scale < amp.DynamicLossScaler().scale
 
