@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from gaussdiff.training.precision import autocast, native_bf16
+from gaussdiff.training.precision import autocast, cpu_description, native_bf16
 from gaussdiff.nn.unet import UNetModel
 from gaussdiff.training.presets import get_preset
 from gaussdiff.training.trainer import make_adamw, unet_config
@@ -116,6 +116,9 @@ def bench(preset, batch, rounds):
     if C == 3:
         cases.append(Case("gaussdiff (fused AdamW, channels_last)", clone(), x, t, fused=True,
                           channels_last=True))
+        if native_bf16(torch.device("cpu")):
+            cases.append(Case("gaussdiff (bf16, channels_last)", clone(), x, t, fused=True,
+                              precision="bf16", channels_last=True))
     if preset == "ddpm-cifar10":
         d = diffusers_ddpm_cifar10()
         result["parameters"]["diffusers"] = sum(p.numel() for p in d.parameters())
@@ -150,7 +153,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     results = [bench(c, args.batch, args.rounds) for c in args.configs.split(",")]
-    json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+    json.dump({"cpu": cpu_description(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "native_bf16": native_bf16(torch.device("cpu")), "load_average_before": load,
                "load_average_after": os.getloadavg()[0], "results": results}, sys.stdout, indent=1)
     print()
