@@ -94,6 +94,13 @@ def run_dir(name: str) -> str:
     return os.path.join("wip", "objectives", name)
 
 
+def trained_model(name: str) -> str:
+    """The run's newest checkpoint: a model directory (config + EMA weights) that git keeps, unlike
+    the run's top-level weight copies, so the later stages run from a fresh clone too."""
+    ckpts = os.path.join(run_dir(name), "checkpoints")
+    return os.path.join(ckpts, max(os.listdir(os.path.join(ROOT, ckpts))))
+
+
 def train(name: str, steps: int) -> dict:
     flags, _ = RUNS[name]
     cmd = G + ["train"] + BASE + flags + ["--steps", str(steps), "--out", run_dir(name)]
@@ -109,7 +116,7 @@ def train(name: str, steps: int) -> dict:
 
 def sample_and_score(name: str, sampler: list, tag: str, num: int, metrics: str, work: str) -> dict:
     samples = os.path.join(work, f"{name}.{tag}.{num}.npz")
-    sample_cmd = G + ["sample", run_dir(name), "--ema", "0.999"] + sampler + [
+    sample_cmd = G + ["sample", trained_model(name), "--ema", "0.999"] + sampler + [
         "--num", str(num), "--seed", "0", "--out", samples, "--no-progress"]
     started = time.time()
     if not os.path.exists(samples):
@@ -135,7 +142,7 @@ def do_stage(name: str, stage: str, args) -> dict:
     if stage == "train":
         return train(name, args.steps)
     if stage == "nll":
-        cmd = G + ["nll", run_dir(name), "--ema", "0.999", "--split", "test", "--num", str(args.nll_num),
+        cmd = G + ["nll", trained_model(name), "--ema", "0.999", "--split", "test", "--num", str(args.nll_num),
                    "--no-progress"]
         return dict(command=" ".join(["gaussdiff"] + cmd[3:]), result=output(cmd))
     if stage == "fid-heun35":
